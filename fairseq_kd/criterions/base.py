@@ -1,0 +1,113 @@
+"""Shared plumbing of the KD criterions: config fields, metrics, teacher calls.
+
+Every KD criterion receives the teacher as an argument of ``forward``
+(``teacher=...``, passed by the distillation task in ``train_step`` only) and
+never stores it, so the teacher is not saved, wrapped or cast with the
+student.  During validation ``teacher`` is ``None`` and every criterion
+reports the plain label-smoothed NLL of the gold target, so validation losses
+compare directly with a student trained without KD.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from fairseq import utils
+from fairseq.logging import metrics
+from fairseq.criterions import FairseqCriterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+
+from fairseq_kd import losses
+from fairseq_kd.errors import DistillationError
+
+
+@dataclass
+class KDCriterionConfig(FairseqDataclass):
+    label_smoothing: float = field(
+        default=0.1,
+        metadata={"help": "epsilon of the label-smoothed NLL term (fairseq >= 0.10 formula)"},
+    )
+    kd_alpha: float = field(
+        default=0.5,
+        metadata={"help": "weight of the distillation term; the NLL term gets 1 - kd_alpha"},
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={"help": "softmax temperature of both teacher and student in the KD term"},
+    )
+    kd_temperature_scale: bool = field(
+        default=True,
+        metadata={"help": "multiply the KD term by temperature^2 (Hinton et al.); a no-op at temperature 1"},
+    )
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+class KDCriterion(FairseqCriterion):
+    """Base class: ``forward(model, sample, reduce=True, teacher=None)``."""
+
+    #: the distillation task loads a live teacher only for criterions that need one
+    needs_teacher = True
+
+    def __init__(self, task, cfg: KDCriterionConfig):
+        super().__init__(task)
+        if not 0.0 <= cfg.kd_alpha <= 1.0:
+            raise DistillationError(f"--kd-alpha must be in [0, 1], got {cfg.kd_alpha}")
+        if cfg.kd_temperature <= 0:
+            raise DistillationError(f"--kd-temperature must be > 0, got {cfg.kd_temperature}")
+        self.cfg = cfg
+        self.sentence_avg = cfg.sentence_avg
+        self.eps = cfg.label_smoothing
+        self.alpha = cfg.kd_alpha
+        self.temperature = cfg.kd_temperature
+
+    @property
+    def temperature_factor(self) -> float:
+        return self.temperature**2 if self.cfg.kd_temperature_scale else 1.0
+
+    def sample_size(self, sample) -> int:
+        return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+
+    def base_logging_output(self, sample, loss, nll_loss):
+        return {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": self.sample_size(sample),
+        }
+
+    def add_agreement(self, logging_output, student_logits, teacher_lprobs, target, key="kd"):
+        """Top-1 agreement counts, logged as ``{key}_agree`` over ``{key}_tokens``."""
+        logging_output[f"{key}_agree"] = losses.top1_agreement(
+            student_logits, teacher_lprobs, target, self.padding_idx
+        ).item()
+        logging_output[f"{key}_tokens"] = target.ne(self.padding_idx).sum().item()
+
+    # -- metrics ---------------------------------------------------------------
+
+    #: extra summed keys logged per token in nats (name -> logged name)
+    per_token_keys = ("kd_loss",)
+    #: (count key, total key, logged name) ratios
+    ratio_keys = (("kd_agree", "kd_tokens", "kd_top1_agree"),)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
+        loss_sum, nll_sum = total("loss"), total("nll_loss")
+        ntokens, sample_size = total("ntokens"), total("sample_size")
+        metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+        metrics.log_scalar("nll_loss", nll_sum / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        for key in cls.per_token_keys:
+            if any(key in log for log in logging_outputs):
+                metrics.log_scalar(key, total(key) / ntokens, ntokens, round=4)
+        for count_key, total_key, name in cls.ratio_keys:
+            denominator = total(total_key)
+            if denominator > 0:
+                metrics.log_scalar(name, total(count_key) / denominator, denominator, round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,44 @@
+"""Word-level knowledge distillation (Kim & Rush, EMNLP 2016; Hinton et al. 2015).
+
+``loss = (1 - alpha) * LS-NLL(gold) + alpha * s * sum_m KL(p_t^tau || p_s^tau)``
+with ``s = tau^2`` (``--kd-temperature-scale``, default) or 1.  The teacher is
+evaluated on the same gold prefixes (teacher forcing).  This is the exact KL
+(the value differs from the cross-entropy form by the teacher's entropy, the
+gradient is the same), as in the NMT-KD reference implementation.
+"""
+
+from dataclasses import dataclass
+
+from fairseq.criterions import register_criterion
+
+from fairseq_kd import losses
+from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
+
+
+@dataclass
+class WordKDConfig(KDCriterionConfig):
+    pass
+
+
+@register_criterion("word_kd", dataclass=WordKDConfig)
+class WordKDCriterion(KDCriterion):
+    def forward(self, model, sample, reduce=True, teacher=None):
+        net_output = model(**sample["net_input"])
+        student_logits = net_output[0]
+        target = model.get_targets(sample, net_output)
+        teacher_lprobs = teacher(sample["net_input"]) if teacher is not None else None
+        loss, nll_loss, kd_loss = losses.word_kd_loss(
+            student_logits,
+            teacher_lprobs,
+            target,
+            self.padding_idx,
+            epsilon=self.eps,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            temperature_scale=self.cfg.kd_temperature_scale,
+        )
+        logging_output = self.base_logging_output(sample, loss, nll_loss)
+        if kd_loss is not None:
+            logging_output["kd_loss"] = kd_loss.data
+            self.add_agreement(logging_output, student_logits, teacher_lprobs, target)
+        return loss, self.sample_size(sample), logging_output

@@ -1,0 +1,3 @@
+"""Registered tasks; importing this package registers all of them."""
+
+from fairseq_kd.tasks import distillation_translation  # noqa: F401

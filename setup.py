@@ -1,0 +1,41 @@
+"""fairseq-kd: knowledge distillation criterions and tasks for fairseq translation."""
+
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="fairseq-kd",
+    version="0.1.0",
+    description="Knowledge distillation (word, sequence, TIE-KD, self-evolution, gated hybrid) "
+    "for fairseq Transformer translation models",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.8",
+    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]),
+    install_requires=[
+        # torch is a requirement, but install the build you want first
+        # (README: `pip install torch==2.13.0`); any torch >= 1.13 satisfies this.
+        "torch>=1.13",
+        # the official release imports on Python < 3.11 only; the fork provides the
+        # same `fairseq` package (same API) on Python >= 3.11
+        "fairseq==0.12.2; python_version < '3.11'",
+        "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
+        "sacrebleu>=2.0",
+        "sentencepiece>=0.1.97",
+        "subword-nmt>=0.3.8",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: MIT License",
+    ],
+    license="MIT",
+)
