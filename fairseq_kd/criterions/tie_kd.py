@@ -1,0 +1,178 @@
+"""TIE-KD (Zhang et al., ACL 2023, arXiv 2305.08096; code songmzhang/NMT-KD).
+
+``loss = (1 - alpha) * LS-NLL(gold) + alpha * (1/N) * sum_n sum_m (KL_n + rank_n)``
+
+* ``KL_n``: ``KL(p_t || p_s)`` with the reference's ``log(p + 1e-6)``
+  (``--tie-exact-kl`` for the exact KL), see :func:`fairseq_kd.losses.tie_kd_kl`;
+* ``rank_n``: the hierarchical ranking loss (top-1 level + top-k level) over the
+  teacher's and the student's top ``--tie-topk`` tokens, see
+  :func:`fairseq_kd.losses.hierarchical_ranking`;
+* pass ``n = 1`` decodes the gold prefixes; each later pass decodes the
+  student's greedy predictions of the previous (teacher-forced) pass, shifted
+  right, with both encoders run once.  The LS-NLL uses pass 1 only.
+
+Sums are over the non-pad gold target positions in every pass.  The sample is
+never modified.  The student's encoder and decoder are called separately, so
+multi-GPU training needs ``--ddp-backend legacy_ddp`` (as in the reference
+recipe); torch's DistributedDataParallel would silently skip the gradient sync.
+"""
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Tuple
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.logging import metrics
+from torch import Tensor
+
+from fairseq_kd import losses
+from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
+from fairseq_kd.errors import DistillationError
+
+
+@dataclass
+class TieKDConfig(KDCriterionConfig):
+    tie_topk: int = field(
+        default=5,
+        metadata={"help": "k of the ranking loss: how many of the teacher's and of the student's "
+                  "most probable tokens are ranked against each other"},
+    )
+    tie_iterations: int = field(
+        default=3,
+        metadata={"help": "decoder passes per batch (N); pass 1 reads the gold prefixes, every later "
+                  "pass the student's greedy predictions of the previous one; 1 turns the "
+                  "iterative part off"},
+    )
+    tie_no_rank: bool = field(
+        default=False,
+        metadata={"help": "ablation: drop the hierarchical ranking loss, keep only the KL term"},
+    )
+    tie_exact_kl: bool = field(
+        default=False,
+        metadata={"help": "use the exact KL (log-softmax) instead of the reference code's "
+                  "log(p + 1e-6) on both distributions"},
+    )
+    tie_keep_pad_predictions: bool = field(
+        default=False,
+        metadata={"help": "feed predicted pad ids back as the reference code does; by default they "
+                  "are replaced by unk so that the decoder does not mask them as padding"},
+    )
+
+
+def next_prefix(
+    prev_output_tokens: Tensor, student_logits: Tensor, padding_idx: int, pad_replacement: Optional[int]
+) -> Tensor:
+    """Decoder input of the next TIE-KD pass: the student's greedy predictions,
+    shifted right behind the first (BOS = EOS) column of ``prev_output_tokens``.
+
+    Predicted ``padding_idx`` ids become ``pad_replacement`` unless it is None.
+    Returns a new tensor; ``prev_output_tokens`` is left untouched.
+    """
+    predictions = student_logits.detach().argmax(dim=-1)
+    if pad_replacement is not None:
+        predictions = predictions.masked_fill(predictions.eq(padding_idx), pad_replacement)
+    return torch.cat([prev_output_tokens[:, :1], predictions[:, :-1]], dim=1)
+
+
+def _wrapped_in_torch_ddp(model) -> bool:
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return isinstance(model, ddp) or isinstance(getattr(model, "module", None), ddp)
+
+
+@register_criterion("tie_kd", dataclass=TieKDConfig)
+class TieKDCriterion(KDCriterion):
+    per_token_keys = ("kd_loss", "rank_loss")
+    #: per-pass top-1 agreement: ``{prefix}{n}`` counts, logged as ``kd_top1_agree_iter{n}``
+    iteration_agree_prefix = "kd_agree_iter"
+
+    def __init__(self, task, cfg: TieKDConfig):
+        super().__init__(task, cfg)
+        vocab = len(task.target_dictionary)
+        if not 1 <= cfg.tie_topk <= vocab:
+            raise DistillationError(
+                f"--tie-topk must be in [1, {vocab}] (the target vocabulary size), got {cfg.tie_topk}"
+            )
+        if cfg.tie_iterations < 1:
+            raise DistillationError(f"--tie-iterations must be >= 1, got {cfg.tie_iterations}")
+        if cfg.kd_temperature != 1.0:
+            raise DistillationError(
+                f"tie_kd has no temperature (its ranking compares plain probabilities): "
+                f"drop --kd-temperature {cfg.kd_temperature}"
+            )
+        self.topk = cfg.tie_topk
+        self.iterations = cfg.tie_iterations
+        self.ranking = not cfg.tie_no_rank
+        self.log_epsilon = 0.0 if cfg.tie_exact_kl else losses.TIE_KD_LOG_EPSILON
+        self.pad_replacement = None if cfg.tie_keep_pad_predictions else task.target_dictionary.unk()
+
+    def decoding_passes(self, model, net_input, teacher) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(prev_output_tokens, student_logits, teacher_lprobs)`` for the
+        ``N`` passes; both encoders run once."""
+        prev = net_input["prev_output_tokens"]
+        if prev[:, 0].eq(self.padding_idx).any():
+            raise DistillationError("tie_kd needs right-padded targets; do not pass --left-pad-target")
+        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        teacher_encoder_outs = teacher.forward_encoder(net_input)
+        for n in range(self.iterations):
+            if n > 0:
+                prev = next_prefix(prev, student_logits, self.padding_idx, self.pad_replacement)
+            student_logits = model.decoder(prev, encoder_out=encoder_out)[0]
+            yield prev, student_logits, teacher.forward_decoder(prev, teacher_encoder_outs)
+
+    def forward(self, model, sample, reduce=True, teacher=None):
+        target = sample["target"]
+        if teacher is None:
+            student_logits = model(**sample["net_input"])[0]
+            loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
+            return loss, self.sample_size(sample), self.base_logging_output(sample, loss, nll_loss)
+        if _wrapped_in_torch_ddp(model):
+            raise DistillationError(
+                "tie_kd calls the student's encoder and decoder separately, which bypasses "
+                "DistributedDataParallel's gradient sync: train with --ddp-backend legacy_ddp"
+            )
+
+        kl_sum = rank_sum = 0.0
+        agreements = []  # per pass, only logged when there are several
+        passes = self.decoding_passes(model, sample["net_input"], teacher)
+        for n, (_, student_logits, teacher_lprobs) in enumerate(passes, start=1):
+            if n == 1:
+                ls_loss, nll_loss = losses.label_smoothed_nll(
+                    student_logits, target, self.padding_idx, self.eps
+                )
+                gold_pass = (student_logits, teacher_lprobs)
+            kl, rank = losses.tie_kd_terms(
+                student_logits, teacher_lprobs, target, self.padding_idx,
+                topk=self.topk, ranking=self.ranking, log_epsilon=self.log_epsilon,
+            )
+            kl_sum = kl_sum + kl
+            if rank is not None:
+                rank_sum = rank_sum + rank
+            if self.iterations > 1:
+                agreements.append(
+                    losses.top1_agreement(student_logits, teacher_lprobs, target, self.padding_idx).item()
+                )
+
+        kd_loss = kl_sum / self.iterations
+        rank_loss = rank_sum / self.iterations if self.ranking else None
+        distill = kd_loss + rank_loss if self.ranking else kd_loss
+        loss = (1.0 - self.alpha) * ls_loss + self.alpha * distill
+
+        logging_output = self.base_logging_output(sample, loss, nll_loss)
+        logging_output["kd_loss"] = kd_loss.data
+        if rank_loss is not None:
+            logging_output["rank_loss"] = rank_loss.data
+        self.add_agreement(logging_output, *gold_pass, target)  # kd_top1_agree: gold prefixes
+        for n, count in enumerate(agreements, start=1):
+            logging_output[f"{self.iteration_agree_prefix}{n}"] = count
+        return loss, self.sample_size(sample), logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        tokens = sum(log.get("kd_tokens", 0) for log in logging_outputs)
+        keys = {k for log in logging_outputs for k in log if k.startswith(cls.iteration_agree_prefix)}
+        if tokens > 0:
+            for key in sorted(keys, key=lambda k: int(k[len(cls.iteration_agree_prefix):])):
+                n = key[len(cls.iteration_agree_prefix):]
+                count = sum(log.get(key, 0) for log in logging_outputs)
+                metrics.log_scalar(f"kd_top1_agree_iter{n}", count / tokens, tokens, round=4)

@@ -1,0 +1,169 @@
+"""Prepare a parallel corpus for fairseq: slice, joint SentencePiece, binarize.
+
+::
+
+    python -m fairseq_kd.prepare --corpus multi30k_en_de --data-root ../shared/data \\
+        --src en --tgt de --out work/data --train-lines 10000 --vocab-size 4000
+
+writes ``OUT/raw`` (the sliced plain text, the references for scoring),
+``OUT/spm.model`` (a joint SentencePiece model), ``OUT/spm`` (encoded text)
+and ``OUT/bin`` (``fairseq-preprocess --joined-dictionary`` output).  Each
+stage is skipped when its output exists; every output is written under a
+temporary name and renamed when complete.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from typing import List, Optional
+
+from tqdm import tqdm
+
+from fairseq_kd.corpora import locate_corpus, read_lines, split_path
+from fairseq_kd.errors import DistillationError
+
+SPLITS = ("train", "valid", "test")
+
+
+def write_atomic(path: str, lines) -> int:
+    tmp = path + ".tmp"
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def slice_corpus(corpus_dir: str, raw_dir: str, langs, limits) -> None:
+    os.makedirs(raw_dir, exist_ok=True)
+    for split in SPLITS:
+        counts = {}
+        for lang in langs:
+            dest = os.path.join(raw_dir, f"{split}.{lang}")
+            if not os.path.exists(dest):
+                source = split_path(corpus_dir, split, lang)
+                write_atomic(dest, read_lines(source, limits.get(split)))
+            counts[lang] = count_lines(dest)
+        if len(set(counts.values())) != 1:
+            files = ", ".join(f"{os.path.join(raw_dir, f'{split}.{l}')} ({n})" for l, n in counts.items())
+            raise DistillationError(f"line counts differ: {files}; source and target must be aligned")
+
+
+def train_sentencepiece(raw_dir: str, model_prefix: str, langs, vocab_size: int, seed_sentences: int) -> None:
+    if os.path.exists(model_prefix + ".model"):
+        return
+    import sentencepiece as spm
+
+    inputs = [os.path.join(raw_dir, f"train.{lang}") for lang in langs]
+    tmp_prefix = model_prefix + ".tmp"
+    spm.SentencePieceTrainer.train(
+        input=",".join(inputs),
+        model_prefix=tmp_prefix,
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        model_type="unigram",
+        input_sentence_size=seed_sentences,
+        shuffle_input_sentence=True,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        unk_id=0,
+        num_threads=2,
+        minloglevel=2,
+    )
+    os.replace(tmp_prefix + ".vocab", model_prefix + ".vocab")
+    os.replace(tmp_prefix + ".model", model_prefix + ".model")
+
+
+def encode(model_file: str, raw_dir: str, spm_dir: str, langs) -> None:
+    import sentencepiece as spm
+
+    os.makedirs(spm_dir, exist_ok=True)
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    for split in SPLITS:
+        for lang in langs:
+            dest = os.path.join(spm_dir, f"{split}.{lang}")
+            if os.path.exists(dest):
+                continue
+            lines = list(read_lines(os.path.join(raw_dir, f"{split}.{lang}")))
+            pieces = (
+                " ".join(sp.encode(line, out_type=str))
+                for line in tqdm(lines, desc=f"spm {split}.{lang}", unit="sent", leave=False)
+            )
+            write_atomic(dest, pieces)
+
+
+def binarize(spm_dir: str, bin_dir: str, src: str, tgt: str, workers: int) -> None:
+    if os.path.exists(os.path.join(bin_dir, "preprocess.log")):
+        return
+    tmp = bin_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "fairseq_cli.preprocess",
+        "--source-lang", src, "--target-lang", tgt,
+        "--trainpref", os.path.join(spm_dir, "train"),
+        "--validpref", os.path.join(spm_dir, "valid"),
+        "--testpref", os.path.join(spm_dir, "test"),
+        "--destdir", tmp, "--joined-dictionary", "--workers", str(workers),
+    ]
+    subprocess.run(cmd, check=True)
+    shutil.rmtree(bin_dir, ignore_errors=True)
+    os.replace(tmp, bin_dir)
+
+
+def prepare(
+    corpus: str,
+    data_root: str,
+    src: str,
+    tgt: str,
+    out: str,
+    train_lines: Optional[int] = None,
+    valid_lines: Optional[int] = None,
+    test_lines: Optional[int] = None,
+    vocab_size: int = 4000,
+    workers: int = 1,
+) -> str:
+    """Run every stage; returns the binarized data directory."""
+    corpus_dir = locate_corpus(corpus, data_root)
+    raw_dir = os.path.join(out, "raw")
+    limits = {"train": train_lines, "valid": valid_lines, "test": test_lines}
+    slice_corpus(corpus_dir, raw_dir, (src, tgt), limits)
+    model_prefix = os.path.join(out, "spm")
+    train_sentencepiece(raw_dir, model_prefix, (src, tgt), vocab_size, seed_sentences=200000)
+    encode(model_prefix + ".model", raw_dir, os.path.join(out, "spm_text"), (src, tgt))
+    bin_dir = os.path.join(out, "bin")
+    binarize(os.path.join(out, "spm_text"), bin_dir, src, tgt, workers)
+    return bin_dir
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, help="corpus folder name, e.g. multi30k_en_de")
+    parser.add_argument("--data-root", required=True, help="folder holding the corpus folders (downloaded there if absent)")
+    parser.add_argument("--src", required=True, help="source language suffix")
+    parser.add_argument("--tgt", required=True, help="target language suffix")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--train-lines", type=int, default=None, help="use only the first N training pairs")
+    parser.add_argument("--valid-lines", type=int, default=None, help="use only the first N validation pairs")
+    parser.add_argument("--test-lines", type=int, default=None, help="use only the first N test pairs")
+    parser.add_argument("--vocab-size", type=int, default=4000, help="joint SentencePiece vocabulary size")
+    parser.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
+    args = parser.parse_args(argv)
+    bin_dir = prepare(
+        args.corpus, args.data_root, args.src, args.tgt, args.out,
+        args.train_lines, args.valid_lines, args.test_lines, args.vocab_size, args.workers,
+    )
+    print(bin_dir)
+
+
+if __name__ == "__main__":
+    main()
