@@ -10,6 +10,14 @@ checkpoint.  Validation and generation never see the teacher.
 
 Plain fairseq criterions work unchanged with this task (they are called
 without the teacher).
+
+With ``--teacher-target-subset NAME`` the training split also carries the
+teacher's translations (Seq-KD data, binarized into the same data directory
+by ``python -m fairseq_kd.decoding binarize``): batches gain
+``teacher_target``, ``teacher_prev_output_tokens`` and ``teacher_ntokens``
+(:mod:`fairseq_kd.data.teacher_target`), which criterions that do not use
+them ignore.  A criterion that only trains on teacher targets sets
+``needs_teacher = False`` and then no live teacher is loaded.
 """
 
 import logging
@@ -17,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from fairseq import utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.teacher import PRECISIONS, load_teacher, split_paths
 
@@ -48,6 +58,14 @@ class DistillationTranslationConfig(TranslationConfig):
         default="fp32",
         metadata={"help": "dtype of the teacher's forward pass; --fp16 never casts the teacher"},
     )
+    teacher_target_subset: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "name of the binarized subset holding the teacher's translations of the "
+            "training split (DATA/NAME.src-tgt.tgt.bin/.idx, same dictionary as the gold target); "
+            "loaded next to the gold target of --train-subset (Seq-KD)"
+        },
+    )
 
 
 @register_task("distillation_translation", dataclass=DistillationTranslationConfig)
@@ -58,8 +76,29 @@ class DistillationTranslationTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         self.teacher = None
 
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if self.cfg.teacher_target_subset and split == self.cfg.train_subset:
+            paths = utils.split_paths(self.cfg.data)
+            data_path = paths[(epoch - 1) % len(paths)]
+            dataset = self.datasets[split]
+            teacher_target = load_teacher_target(
+                data_path, self.cfg.teacher_target_subset, split, self.cfg.source_lang,
+                self.cfg.target_lang, self.tgt_dict, len(dataset), self.cfg.dataset_impl,
+            )
+            self.datasets[split] = TeacherTargetDataset(dataset, teacher_target)
+            logger.info(
+                "%s: teacher targets %s (%d examples)", split, self.cfg.teacher_target_subset,
+                len(teacher_target),
+            )
+
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg)
+        if getattr(criterion, "needs_teacher_target", False) and not self.cfg.teacher_target_subset:
+            raise DistillationError(
+                f"criterion {cfg._name} trains on the teacher's translations: pass "
+                f"--teacher-target-subset NAME (written by python -m fairseq_kd.decoding binarize)"
+            )
         if getattr(criterion, "needs_teacher", False):
             if not self.cfg.teacher_path:
                 raise DistillationError(

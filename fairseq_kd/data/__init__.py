@@ -1,0 +1,1 @@
+"""Datasets of the plugin (importing this package registers nothing)."""
