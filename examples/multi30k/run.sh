@@ -43,7 +43,7 @@ case $SIZE in
         STUDENT_ARCH="--encoder-embed-dim 64 --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
         TEACHER_UPDATES=400; STUDENT_UPDATES=250; LR=0.002; WARMUP=100; MAX_TOKENS=4096
         TRAIN_BEAM=1; TEST_BEAM=4
-        DEFAULT_STUDENTS="baseline word_kd"
+        DEFAULT_STUDENTS="baseline word_kd seq_kd"
         ;;
     full)
         TRAIN_LINES=; VOCAB=8000
@@ -113,10 +113,13 @@ train_student() {  # train_student NAME
     train "student_$name" $STUDENT_UPDATES "$STUDENT_ARCH" "$@"
 }
 
-decode_train_with_teacher() {
-    BEAM=$TRAIN_BEAM NUM_SHARDS=2 PARALLEL=1 WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" \
-        DECODE_ARGS="--max-len-a 1.2 --max-len-b 10" \
+decode_train_with_teacher() {  # Seq-KD data: the teacher's translations of the training source
+    local device_flag=
+    [[ $COMMON_TRAIN == *--cpu* ]] && device_flag=--cpu
+    BEAM=$TRAIN_BEAM NUM_SHARDS=2 PARALLEL=2 OMP_NUM_THREADS=1 WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" \
+        DECODE_ARGS="$device_flag --max-len-a 1.2 --max-len-b 10" \
         bash "$REPO/examples/wmt14/decode_teacher.sh" "$BIN" "$WORK/teacher/checkpoint_best.pt" train_teacher
+    assert_lines "$WORK/seq_kd_decode/train_teacher.txt" "$(wc -l < "$DATA/raw/train.$SRC")"
 }
 
 translate() {  # translate NAME: test set -> WORK/NAME.test.hyp
