@@ -28,6 +28,12 @@ __all__ = [
     "label_smoothed_nll",
     "kl_divergence",
     "top1_agreement",
+    "DIVERGENCES",
+    "divergence_from_log_probs",
+    "reverse_kl_from_log_probs",
+    "skew_kl_from_log_probs",
+    "legacy_label_smoothed_nll",
+    "select_hard_tokens",
     "self_evolution_kd",
     "self_evolution_kd_loss",
     "SEKDTerms",
@@ -136,15 +142,19 @@ def word_kd_loss(
     alpha: float,
     temperature: float = 1.0,
     temperature_scale: bool = True,
+    divergence: str = "kl",
+    skew_lambda: float = 0.1,
 ):
-    """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * KL(p_t^tau || p_s^tau)``.
+    """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * D(p_t^tau, p_s^tau)``.
 
+    ``D`` is the forward KL by default; ``divergence`` selects another member
+    of :data:`DIVERGENCES` (see :func:`divergence_from_log_probs`).
     ``s = tau^2`` when ``temperature_scale`` (Hinton et al.'s convention, which
     keeps gradient magnitudes comparable across temperatures) and 1 otherwise.
     The student's log-softmax is computed once and shared by both terms when
     ``tau == 1``.  Returns ``(loss, nll_loss, kd_loss)`` sums;
-    ``kd_loss`` is the unscaled KL sum (``None`` without a teacher, in which
-    case ``loss`` is the plain LS-NLL).
+    ``kd_loss`` is the unscaled divergence sum (``None`` without a teacher, in
+    which case ``loss`` is the plain LS-NLL).
     """
     student_lprobs = log_probs(student_logits)
     ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
@@ -155,12 +165,122 @@ def word_kd_loss(
         student_soft = student_lprobs
     else:
         student_soft = log_probs(student_logits, temperature)
-    kd_loss = kl_from_log_probs(
-        student_soft, log_probs(teacher_logits, temperature), mask
+    kd_loss = divergence_from_log_probs(
+        student_soft, log_probs(teacher_logits, temperature), mask, divergence, skew_lambda
     ).sum()
     scale = temperature**2 if temperature_scale else 1.0
     loss = (1.0 - alpha) * ls_loss + alpha * scale * kd_loss
     return loss, nll_loss, kd_loss
+
+
+# ---------------------------------------------------------------------------
+# The divergence family: reverse KL and DistiLLM's skew KL / skew reverse KL
+# ---------------------------------------------------------------------------
+
+#: ``kl``: KL(p_t || p_s) (mode-covering, Word-KD); ``rkl``: KL(p_s || p_t)
+#: (mode-seeking); ``skl``: KL(p_t || l*p_t + (1-l)*p_s); ``srkl``:
+#: KL(p_s || l*p_s + (1-l)*p_t)  (Ko et al., DistiLLM, ICML 2024)
+DIVERGENCES = ("kl", "rkl", "skl", "srkl")
+
+
+def _xlogy_ratio(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """Per-position ``sum_v p (log p - log q)`` with ``0 * log 0 = 0``."""
+    p = p_log.exp()
+    pointwise = p * (p_log - q_log)
+    return torch.where(p > 0, pointwise, torch.zeros_like(pointwise)).sum(dim=-1)
+
+
+def reverse_kl_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-position ``KL(p_s || p_t)``.  A token the teacher gives exactly zero
+    probability contributes 0 instead of infinity, as DistiLLM's reference
+    ``reverse_kl`` does (``masked_fill(isinf, 0)``)."""
+    p = student_lprobs.exp()
+    pointwise = p * (student_lprobs - teacher_lprobs)
+    pointwise = pointwise.masked_fill(torch.isinf(teacher_lprobs) | (p == 0), 0.0)
+    return pointwise.sum(dim=-1).masked_fill(~mask, 0.0)
+
+
+def skew_kl_from_log_probs(
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, skew_lambda: float, reverse: bool = False
+) -> Tensor:
+    """Per-position skew KL ``KL(p_t || l*p_t + (1-l)*p_s)``, or with ``reverse``
+    the skew reverse KL ``KL(p_s || l*p_s + (1-l)*p_t)``.
+
+    The mixture is formed in log space with ``logaddexp`` (stable for tiny
+    probabilities).  This is the *true* KL, as in KDFlow's implementation;
+    DistiLLM's reference SKL drops the constant ``sum p_t log p_t`` (a
+    cross-entropy, larger by the teacher's entropy, same gradient).
+    ``0 < l < 1``; at ``l = 0`` both reduce to the plain KL / reverse KL.
+    """
+    if not 0.0 <= skew_lambda < 1.0:
+        raise ValueError(f"skew lambda must be in [0, 1), got {skew_lambda}")
+    anchor, other = (student_lprobs, teacher_lprobs) if reverse else (teacher_lprobs, student_lprobs)
+    if skew_lambda == 0.0:
+        mixture = other
+    else:
+        mixture = torch.logaddexp(anchor + math.log(skew_lambda), other + math.log1p(-skew_lambda))
+    return _xlogy_ratio(anchor, mixture).masked_fill(~mask, 0.0)
+
+
+def divergence_from_log_probs(
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1
+) -> Tensor:
+    """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`)."""
+    if divergence == "kl":
+        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+    if divergence == "rkl":
+        return reverse_kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+    if divergence in ("skl", "srkl"):
+        return skew_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, skew_lambda, reverse=divergence == "srkl")
+    raise ValueError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
+
+
+# ---------------------------------------------------------------------------
+# Selective KD (Wang et al., ACL 2021): distil only the hardest tokens
+# ---------------------------------------------------------------------------
+
+
+def legacy_label_smoothed_nll(
+    student_logits: Tensor, target: Tensor, padding_idx: int, epsilon: float
+) -> Tuple[Tensor, Tensor]:
+    """Label-smoothed NLL of fairseq < 0.10 (``eps_i = epsilon / V``)::
+
+        loss = (1 - epsilon) * sum_m nll + (epsilon / V) * sum_m (-sum_v log p_s(v))
+
+    as the Selective-KD reference code computes it.  Returns ``(loss, nll)``.
+    """
+    lprobs = log_probs(student_logits)
+    mask = non_pad_mask(target, padding_idx)
+    nll = (-lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)).masked_fill(~mask, 0.0).sum()
+    smooth = (-lprobs.sum(-1)).masked_fill(~mask, 0.0).sum()
+    return (1.0 - epsilon) * nll + epsilon / lprobs.size(-1) * smooth, nll
+
+
+def selection_threshold(values: Tensor, ratio: float) -> Tensor:
+    """The ``ceil(n * ratio)``-th largest of the 1-D ``values``: tokens whose
+    difficulty is ``>=`` it form the hardest ``ratio`` fraction (ties included,
+    as in the reference code).  ``ratio`` in ``(0, 1]``."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"selection ratio must be in (0, 1], got {ratio}")
+    k = max(1, math.ceil(values.numel() * ratio))
+    return torch.topk(values, k).values[-1]
+
+
+def select_hard_tokens(
+    difficulty: Tensor, mask: Tensor, ratio: float, history: Optional[Tensor] = None
+) -> Tensor:
+    """Boolean ``[B, T]`` mask of the tokens to distil.
+
+    ``difficulty`` is the student's per-token gold NLL (detached).  Without
+    ``history`` the threshold is taken over this batch's non-pad tokens
+    (Selective-KD's ``batch_level``); with ``history`` (a 1-D tensor of past
+    difficulties, the current batch's already appended: ``global_level``) over
+    that queue.
+    """
+    pool = difficulty[mask] if history is None else history
+    if pool.numel() == 0:
+        return torch.zeros_like(mask)
+    return (difficulty >= selection_threshold(pool, ratio)) & mask
 
 
 def log_mean_exp(stacked_lprobs: Tensor, dim: int = 0) -> Tensor:

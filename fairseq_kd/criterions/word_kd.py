@@ -5,23 +5,45 @@ with ``s = tau^2`` (``--kd-temperature-scale``, default) or 1.  The teacher is
 evaluated on the same gold prefixes (teacher forcing).  This is the exact KL
 (the value differs from the cross-entropy form by the teacher's entropy, the
 gradient is the same), as in the NMT-KD reference implementation.
+
+``--kd-divergence`` swaps the KL for the baselines users compare against:
+the reverse KL (mode-seeking) and DistiLLM's skew KL / skew reverse KL
+(Ko et al., ICML 2024) with ``--skew-lambda``; see
+:func:`fairseq_kd.losses.divergence_from_log_probs`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd import losses
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
+from fairseq_kd.errors import DistillationError
 
 
 @dataclass
 class WordKDConfig(KDCriterionConfig):
-    pass
+    kd_divergence: ChoiceEnum(losses.DIVERGENCES) = field(
+        default="kl",
+        metadata={
+            "help": "kl: KL(teacher || student); rkl: KL(student || teacher); skl / srkl: "
+            "DistiLLM's skew KL / skew reverse KL, the second argument mixed with the first"
+        },
+    )
+    skew_lambda: float = field(
+        default=0.1,
+        metadata={"help": "share of the first argument in the second one's mixture (skl, srkl), in [0, 1)"},
+    )
 
 
 @register_criterion("word_kd", dataclass=WordKDConfig)
 class WordKDCriterion(KDCriterion):
+    def __init__(self, task, cfg: WordKDConfig):
+        super().__init__(task, cfg)
+        if not 0.0 <= cfg.skew_lambda < 1.0:
+            raise DistillationError(f"--skew-lambda must be in [0, 1), got {cfg.skew_lambda}")
+
     def forward(self, model, sample, reduce=True, teacher=None):
         net_output = model(**sample["net_input"])
         student_logits = net_output[0]
@@ -36,6 +58,8 @@ class WordKDCriterion(KDCriterion):
             alpha=self.alpha,
             temperature=self.temperature,
             temperature_scale=self.cfg.kd_temperature_scale,
+            divergence=str(self.cfg.kd_divergence),
+            skew_lambda=self.cfg.skew_lambda,
         )
         logging_output = self.base_logging_output(sample, loss, nll_loss)
         if kd_loss is not None:
