@@ -91,16 +91,21 @@ def label_smoothed_nll(
     return nll_from_log_probs(log_probs(student_logits), target, padding_idx, epsilon)
 
 
+def _xlogy_ratio(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """Per-position ``sum_v p (log p - log q)`` with ``0 * log 0 = 0``."""
+    p = p_log.exp()
+    pointwise = p * (p_log - q_log)
+    return torch.where(p > 0, pointwise, torch.zeros_like(pointwise)).sum(dim=-1)
+
+
 def kl_from_log_probs(
     student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor
 ) -> Tensor:
-    """Per-position ``KL(p_t || p_s)`` (``[B, T]``, zero where ``mask`` is False)."""
-    teacher_probs = teacher_lprobs.exp()
-    # 0 * log 0 = 0: a teacher that puts exactly zero mass on a token (-inf
-    # log-probability) must not turn the sum into NaN.
-    pointwise = teacher_probs * (teacher_lprobs - student_lprobs)
-    pointwise = torch.where(teacher_probs > 0, pointwise, torch.zeros_like(pointwise))
-    return pointwise.sum(dim=-1).masked_fill(~mask, 0.0)
+    """Per-position ``KL(p_t || p_s)`` (``[B, T]``, zero where ``mask`` is False).
+
+    ``0 * log 0 = 0``: a teacher that puts exactly zero mass on a token (-inf
+    log-probability) does not turn the sum into NaN."""
+    return _xlogy_ratio(teacher_lprobs, student_lprobs).masked_fill(~mask, 0.0)
 
 
 def kl_divergence(
@@ -181,13 +186,6 @@ def word_kd_loss(
 #: (mode-seeking); ``skl``: KL(p_t || l*p_t + (1-l)*p_s); ``srkl``:
 #: KL(p_s || l*p_s + (1-l)*p_t)  (Ko et al., DistiLLM, ICML 2024)
 DIVERGENCES = ("kl", "rkl", "skl", "srkl")
-
-
-def _xlogy_ratio(p_log: Tensor, q_log: Tensor) -> Tensor:
-    """Per-position ``sum_v p (log p - log q)`` with ``0 * log 0 = 0``."""
-    p = p_log.exp()
-    pointwise = p * (p_log - q_log)
-    return torch.where(p > 0, pointwise, torch.zeros_like(pointwise)).sum(dim=-1)
 
 
 def reverse_kl_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor) -> Tensor:
