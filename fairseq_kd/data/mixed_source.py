@@ -37,7 +37,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MixedSourceDataset", "select_rows", "with_prefixes", "trim_padding"]
+__all__ = ["MixedSourceDataset", "select_rows", "with_prefixes", "trim_padding", "source_only_dataset"]
 
 
 class MixedSourceDataset(FairseqDataset):
@@ -230,13 +230,12 @@ def with_prefixes(
 def source_only_dataset(
     source: LanguagePairDataset, labels: Optional[object], tgt_dict
 ) -> LanguagePairDataset:
-    """``source`` (a source-only ``LanguagePairDataset``) with ``labels`` as its
-    target when given; padding and EOS settings are kept."""
-    if labels is None:
-        return source
+    """The source side of ``source`` (a ``LanguagePairDataset``; a target side
+    it may have is ignored) with ``labels`` as its target, or none; padding and
+    EOS settings are kept."""
     return LanguagePairDataset(
         source.src, source.src_sizes, source.src_dict,
-        labels, np.asarray(labels.sizes), tgt_dict,
+        labels, None if labels is None else np.asarray(labels.sizes), tgt_dict,
         left_pad_source=source.left_pad_source, left_pad_target=source.left_pad_target,
         eos=source.eos, shuffle=source.shuffle, pad_to_multiple=getattr(source, "pad_to_multiple", 1),
     )
