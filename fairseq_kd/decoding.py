@@ -658,9 +658,9 @@ def binarize(
 ) -> str:
     """Binarize ``input_path`` (BPE'd teacher targets of ``split``) with
     ``DATA/dict.TGT.txt`` into ``DATA/NAME.SRC-TGT.TGT.{bin,idx}``; returns the prefix."""
-    from fairseq.binarizer import FileBinarizer, VocabularyDatasetBinarizer
-    from fairseq.data import Dictionary, data_utils, indexed_dataset
+    from fairseq.data import Dictionary, data_utils
 
+    from fairseq_kd.data.binarize import binarize_text
     from fairseq_kd.data.teacher_target import gold_target_prefix, teacher_target_prefix
 
     task_src, task_tgt = src, tgt
@@ -688,17 +688,7 @@ def binarize(
             f"merge the teacher's translations of exactly this split"
         )
     prefix = teacher_target_prefix(data, name, task_src, task_tgt)
-    tmp_prefix = f"{prefix}.tmp{os.getpid()}"
-    summary = FileBinarizer.multiprocess_dataset(
-        input_path, dataset_impl, VocabularyDatasetBinarizer(tgt_dict, append_eos=True),
-        tmp_prefix, vocab_size=len(tgt_dict), num_workers=workers,
-    )
-    final_idx, final_bin = indexed_dataset.index_file_path(prefix), indexed_dataset.data_file_path(prefix)
-    # the index is renamed last: a complete .idx/.bin pair or no .idx at all
-    if os.path.exists(final_idx):
-        os.remove(final_idx)
-    os.replace(indexed_dataset.data_file_path(tmp_prefix), final_bin)
-    os.replace(indexed_dataset.index_file_path(tmp_prefix), final_idx)
+    summary = binarize_text(input_path, tgt_dict, prefix, workers=workers, dataset_impl=dataset_impl)
     logger.info("binarized %s -> %s.{bin,idx}: %s", input_path, prefix, summary)
     return prefix
 

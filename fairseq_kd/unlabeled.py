@@ -90,21 +90,11 @@ def segment(input_path: str, output_path: str, spm_model: Optional[str], progres
 def binarize_source(text_path: str, dict_path: str, prefix: str, workers: int = 1, dataset_impl: str = "mmap"):
     """Binarize ``text_path`` with the dictionary ``dict_path`` into ``prefix.{bin,idx}``
     (the index is renamed last); returns fairseq's binarizer summary."""
-    from fairseq.binarizer import FileBinarizer, VocabularyDatasetBinarizer
-    from fairseq.data import Dictionary, indexed_dataset
+    from fairseq.data import Dictionary
 
-    vocab = Dictionary.load(dict_path)
-    tmp_prefix = f"{prefix}.tmp{os.getpid()}"
-    summary = FileBinarizer.multiprocess_dataset(
-        text_path, dataset_impl, VocabularyDatasetBinarizer(vocab, append_eos=True),
-        tmp_prefix, vocab_size=len(vocab), num_workers=workers,
-    )
-    final_idx, final_bin = indexed_dataset.index_file_path(prefix), indexed_dataset.data_file_path(prefix)
-    if os.path.exists(final_idx):
-        os.remove(final_idx)
-    os.replace(indexed_dataset.data_file_path(tmp_prefix), final_bin)
-    os.replace(indexed_dataset.index_file_path(tmp_prefix), final_idx)
-    return summary
+    from fairseq_kd.data.binarize import binarize_text
+
+    return binarize_text(text_path, Dictionary.load(dict_path), prefix, workers=workers, dataset_impl=dataset_impl)
 
 
 def prepare_unlabeled(
