@@ -6,8 +6,10 @@
         --src en --tgt de --out work/data --train-lines 10000 --vocab-size 4000
 
 writes ``OUT/raw`` (the sliced plain text, the references for scoring),
-``OUT/spm.model`` (a joint SentencePiece model), ``OUT/spm`` (encoded text)
-and ``OUT/bin`` (``fairseq-preprocess --joined-dictionary`` output).  Each
+``OUT/spm.model`` (a joint SentencePiece model), ``OUT/spm_text`` (encoded text)
+and ``OUT/bin`` (``fairseq-preprocess --joined-dictionary`` output).  A corpus
+without a test split (e.g. ``opennmt_toy_en_de``) can hold out the end of its
+valid split as the test set with ``--test-from-valid N``.  Each
 stage is skipped when its output exists; every output is written under a
 temporary name and renamed when complete.
 """
@@ -43,15 +45,31 @@ def count_lines(path: str) -> int:
         return sum(1 for _ in f)
 
 
-def slice_corpus(corpus_dir: str, raw_dir: str, langs, limits) -> None:
+def split_lines(corpus_dir: str, split: str, lang: str, limit: Optional[int], test_from_valid: Optional[int]):
+    """The lines of ``split`` (at most ``limit``); with ``test_from_valid = N`` the
+    corpus' valid split is cut in two: its last N lines are the test split, the
+    lines before them the valid split."""
+    if not test_from_valid or split == "train":
+        return read_lines(split_path(corpus_dir, split, lang), limit)
+    source = split_path(corpus_dir, "valid", lang)
+    lines = list(read_lines(source))
+    if len(lines) <= test_from_valid:
+        raise DistillationError(
+            f"{source} has {len(lines)} lines, too few to hold out {test_from_valid} as the test set; "
+            f"lower --test-from-valid"
+        )
+    part = lines[:-test_from_valid] if split == "valid" else lines[-test_from_valid:]
+    return part if limit is None else part[:limit]
+
+
+def slice_corpus(corpus_dir: str, raw_dir: str, langs, limits, test_from_valid: Optional[int] = None) -> None:
     os.makedirs(raw_dir, exist_ok=True)
     for split in SPLITS:
         counts = {}
         for lang in langs:
             dest = os.path.join(raw_dir, f"{split}.{lang}")
             if not os.path.exists(dest):
-                source = split_path(corpus_dir, split, lang)
-                write_atomic(dest, read_lines(source, limits.get(split)))
+                write_atomic(dest, split_lines(corpus_dir, split, lang, limits.get(split), test_from_valid))
             counts[lang] = count_lines(dest)
         if len(set(counts.values())) != 1:
             files = ", ".join(f"{os.path.join(raw_dir, f'{split}.{l}')} ({n})" for l, n in counts.items())
@@ -131,12 +149,18 @@ def prepare(
     test_lines: Optional[int] = None,
     vocab_size: int = 4000,
     workers: int = 1,
+    test_from_valid: Optional[int] = None,
 ) -> str:
-    """Run every stage; returns the binarized data directory."""
+    """Run every stage; returns the binarized data directory.
+
+    ``test_from_valid = N`` is for corpora without a test split: the last N
+    pairs of the valid split become the test set (and are left out of valid);
+    ``valid_lines``/``test_lines`` then slice those two parts.
+    """
     corpus_dir = locate_corpus(corpus, data_root)
     raw_dir = os.path.join(out, "raw")
     limits = {"train": train_lines, "valid": valid_lines, "test": test_lines}
-    slice_corpus(corpus_dir, raw_dir, (src, tgt), limits)
+    slice_corpus(corpus_dir, raw_dir, (src, tgt), limits, test_from_valid)
     model_prefix = os.path.join(out, "spm")
     train_sentencepiece(raw_dir, model_prefix, (src, tgt), vocab_size, seed_sentences=200000)
     encode(model_prefix + ".model", raw_dir, os.path.join(out, "spm_text"), (src, tgt))
@@ -157,10 +181,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--test-lines", type=int, default=None, help="use only the first N test pairs")
     parser.add_argument("--vocab-size", type=int, default=4000, help="joint SentencePiece vocabulary size")
     parser.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
+    parser.add_argument(
+        "--test-from-valid", type=int, default=None, metavar="N",
+        help="for a corpus without a test split: the last N valid pairs are the test set, the rest the valid set",
+    )
     args = parser.parse_args(argv)
+    if args.test_from_valid is not None and args.test_from_valid < 1:
+        parser.error(f"--test-from-valid must be a positive number of lines, got {args.test_from_valid}")
     bin_dir = prepare(
         args.corpus, args.data_root, args.src, args.tgt, args.out,
         args.train_lines, args.valid_lines, args.test_lines, args.vocab_size, args.workers,
+        args.test_from_valid,
     )
     print(bin_dir)
 
