@@ -45,11 +45,12 @@ import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.textio import count_lines, write_lines_atomic  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("fairseq_kd.decoding")
 
@@ -84,22 +85,6 @@ def write_json_atomic(path: str, obj) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def write_lines_atomic(path: str, lines: Iterable[str]) -> int:
-    tmp = path + ".tmp"
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
-def count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 # ---------------------------------------------------------------------------

@@ -25,24 +25,9 @@ from tqdm import tqdm
 
 from fairseq_kd.corpora import locate_corpus, read_lines, split_path
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.textio import count_lines, write_lines_atomic
 
 SPLITS = ("train", "valid", "test")
-
-
-def write_atomic(path: str, lines) -> int:
-    tmp = path + ".tmp"
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
-def count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def split_lines(corpus_dir: str, split: str, lang: str, limit: Optional[int], test_from_valid: Optional[int]):
@@ -69,7 +54,7 @@ def slice_corpus(corpus_dir: str, raw_dir: str, langs, limits, test_from_valid: 
         for lang in langs:
             dest = os.path.join(raw_dir, f"{split}.{lang}")
             if not os.path.exists(dest):
-                write_atomic(dest, split_lines(corpus_dir, split, lang, limits.get(split), test_from_valid))
+                write_lines_atomic(dest, split_lines(corpus_dir, split, lang, limits.get(split), test_from_valid))
             counts[lang] = count_lines(dest)
         if len(set(counts.values())) != 1:
             files = ", ".join(f"{os.path.join(raw_dir, f'{split}.{l}')} ({n})" for l, n in counts.items())
@@ -117,7 +102,7 @@ def encode(model_file: str, raw_dir: str, spm_dir: str, langs) -> None:
                 " ".join(sp.encode(line, out_type=str))
                 for line in tqdm(lines, desc=f"spm {split}.{lang}", unit="sent", leave=False)
             )
-            write_atomic(dest, pieces)
+            write_lines_atomic(dest, pieces)
 
 
 def binarize(spm_dir: str, bin_dir: str, src: str, tgt: str, workers: int) -> None:

@@ -13,10 +13,10 @@ prints corpus BLEU and chrF for each system with the sacrebleu signatures.
 """
 
 import argparse
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.textio import write_lines_atomic
 
 
 def read_generate_output(path: str, prefix: str = "D") -> Dict[int, str]:
@@ -48,12 +48,7 @@ def extract(generate_output: str, dest: str, expect_lines: Optional[int] = None)
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}; "
             f"re-run the decode"
         )
-    tmp = dest + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in range(n):
-            f.write(hyps[i] + "\n")
-    os.replace(tmp, dest)
-    return n
+    return write_lines_atomic(dest, (hyps[i] for i in range(n)))
 
 
 def read_text(path: str) -> List[str]:
@@ -113,10 +108,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     text = table(args.ref, systems)
     print(text)
     if args.markdown:
-        tmp = args.markdown + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.markdown)
+        write_lines_atomic(args.markdown, text.split("\n"))
 
 
 if __name__ == "__main__":

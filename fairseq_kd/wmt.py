@@ -60,6 +60,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.textio import count_lines
 
 PROG = "prepare-wmt"
 
@@ -352,11 +353,6 @@ def raw_lines(path: str) -> Iterator[str]:
     with opener(path, "rb") as f:
         for line in f:
             yield line.rstrip(b"\n").decode("utf-8", errors="replace")
-
-
-def count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def clean_line(line: str) -> str:

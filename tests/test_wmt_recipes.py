@@ -735,7 +735,8 @@ def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
     assert re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M) == [
         "prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline",
         "student_word_kd", "translate_student_word_kd", "decode_train_with_teacher", "student_seq_kd",
-        "translate_student_seq_kd"]
+        "translate_student_seq_kd", "student_self_evolution_kd", "translate_student_self_evolution_kd",
+        "student_hybrid_gated_kd", "translate_student_hybrid_gated_kd"]
     assert proc.stdout.strip().endswith(f"results: {work}/results.md")
     (prep,) = fake.calls("fairseq_kd.prepare")
     assert flags(prep["argv"]) == {"--corpus": "multi30k_en_de", "--data-root": os.path.join(REPO, "..", "shared", "data"),
@@ -754,13 +755,17 @@ def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
                     "--decoder-attention-heads 2").split()
     base = {"--user-dir": os.path.join(REPO, "user_dir"), **flags(before)}
     assert train_flags(fake, "teacher") == {**base, **flags(teacher_arch), "--save-dir": str(work / "teacher"),
-                                            "--max-update": "400", "--criterion": "label_smoothed_cross_entropy",
+                                            "--max-update": "300", "--criterion": "label_smoothed_cross_entropy",
                                             "--label-smoothing": "0.1"}
     assert train_flags(fake, "student_word_kd") == {
-        **base, **flags(student_arch), "--save-dir": str(work / "student_word_kd"), "--max-update": "250",
+        **base, **flags(student_arch), "--save-dir": str(work / "student_word_kd"), "--max-update": "120",
         "--task": "distillation_translation", "--teacher-path": str(work / "teacher" / "checkpoint_best.pt"),
         "--criterion": "word_kd", "--kd-alpha": "0.5"}
     assert train_flags(fake, "student_seq_kd")["--teacher-target-subset"] == "train_teacher"
+    hybrid = train_flags(fake, "student_hybrid_gated_kd")
+    assert hybrid["--criterion"] == "hybrid_gated_kd" and hybrid["--hybrid-sent-target"] == "offline"
+    assert hybrid["--teacher-target-subset"] == "train_teacher"
+    assert train_flags(fake, "student_self_evolution_kd")["--criterion"] == "self_evolution_kd"
     decodes = fake.calls("fairseq_kd.decoding", "decode")
     assert len(decodes) == 2 and all(c["omp"] == "1" for c in decodes)
     assert all(flags(c["argv"]).items() >= {"--beam": "1", "--num-shards": "2", "--cpu": True, "--max-len-a": "1.2",

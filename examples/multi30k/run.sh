@@ -42,9 +42,9 @@ case $SIZE in
         TRAIN_LINES=10000; VOCAB=4000
         TEACHER_ARCH="--encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256 --encoder-layers 2 --decoder-layers 2 --encoder-attention-heads 4 --decoder-attention-heads 4"
         STUDENT_ARCH="--encoder-embed-dim 64 --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
-        TEACHER_UPDATES=400; STUDENT_UPDATES=250; LR=0.002; WARMUP=100; MAX_TOKENS=4096
+        TEACHER_UPDATES=300; STUDENT_UPDATES=120; LR=0.002; WARMUP=100; MAX_TOKENS=4096
         TRAIN_BEAM=1; TEST_BEAM=4
-        DEFAULT_STUDENTS="baseline word_kd seq_kd"
+        DEFAULT_STUDENTS="baseline word_kd seq_kd self_evolution_kd hybrid_gated_kd"
         ;;
     full)
         TRAIN_LINES=; VOCAB=8000
