@@ -2,8 +2,8 @@
 
 Since torch 2.6, ``torch.load`` only unpickles tensors, containers and
 primitive types unless told otherwise, and refuses fairseq checkpoints.  The
-fix here is *not* to switch that safety off (no ``weights_only=False``, no
-``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), but to allow-list exactly the classes
+fix here is *not* to switch that safety off (neither by argument nor by
+environment variable), but to allow-list exactly the classes
 that fairseq's own checkpoints hold:
 
 * ``argparse.Namespace``: the model config of legacy architectures
@@ -15,7 +15,7 @@ that fairseq's own checkpoints hold:
 :func:`install_safe_globals` is called when :mod:`fairseq_kd` is imported,
 so ``--user-dir user_dir`` makes ``fairseq-train``/``fairseq-generate``
 (which call ``torch.load`` with the default ``weights_only``) load fairseq
-checkpoints.  On torch < 2.6 the default is ``weights_only=False`` and
+checkpoints.  On torch < 2.6 the default is the unrestricted unpickler and
 nothing needs to be done.
 """
 
