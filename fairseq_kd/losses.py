@@ -33,6 +33,7 @@ __all__ = [
     "reverse_kl_from_log_probs",
     "skew_kl_from_log_probs",
     "legacy_label_smoothed_nll",
+    "legacy_nll_from_log_probs",
     "select_hard_tokens",
     "self_evolution_kd",
     "self_evolution_kd_loss",
@@ -247,7 +248,13 @@ def legacy_label_smoothed_nll(
 
     as the Selective-KD reference code computes it.  Returns ``(loss, nll)``.
     """
-    lprobs = log_probs(student_logits)
+    return legacy_nll_from_log_probs(log_probs(student_logits), target, padding_idx, epsilon)
+
+
+def legacy_nll_from_log_probs(
+    lprobs: Tensor, target: Tensor, padding_idx: int, epsilon: float
+) -> Tuple[Tensor, Tensor]:
+    """:func:`legacy_label_smoothed_nll` for already normalised log-probabilities."""
     mask = non_pad_mask(target, padding_idx)
     nll = (-lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)).masked_fill(~mask, 0.0).sum()
     smooth = (-lprobs.sum(-1)).masked_fill(~mask, 0.0).sum()

@@ -70,10 +70,10 @@ class SelectiveKDCriterion(KDCriterion):
         self.global_level = str(cfg.selective_strategy) == "global_level"
         self.history = None  # 1-D tensor of past token difficulties (global_level)
 
-    def label_smoothed(self, logits, target):
+    def label_smoothed(self, lprobs, target):
         if self.cfg.legacy_label_smoothing:
-            return losses.legacy_label_smoothed_nll(logits, target, self.padding_idx, self.eps)
-        return losses.label_smoothed_nll(logits, target, self.padding_idx, self.eps)
+            return losses.legacy_nll_from_log_probs(lprobs, target, self.padding_idx, self.eps)
+        return losses.nll_from_log_probs(lprobs, target, self.padding_idx, self.eps)
 
     def push_history(self, difficulty):
         new = difficulty.detach().float()
@@ -85,14 +85,15 @@ class SelectiveKDCriterion(KDCriterion):
         net_output = model(**sample["net_input"])
         student_logits = net_output[0]
         target = model.get_targets(sample, net_output)
-        loss, nll_loss = self.label_smoothed(student_logits, target)
+        lprobs = losses.log_probs(student_logits)  # one log-softmax for the NLL and the difficulty
+        loss, nll_loss = self.label_smoothed(lprobs, target)
         logging_output = self.base_logging_output(sample, loss, nll_loss)
         if teacher is None:
             return loss, self.sample_size(sample), logging_output
 
         mask = losses.non_pad_mask(target, self.padding_idx)
-        student_lprobs = losses.log_probs(student_logits, self.temperature)
-        difficulty = -losses.log_probs(student_logits.detach()).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        student_lprobs = lprobs if self.temperature == 1.0 else losses.log_probs(student_logits, self.temperature)
+        difficulty = -lprobs.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
         history = self.push_history(difficulty[mask]) if self.global_level else None
         selected = losses.select_hard_tokens(difficulty, mask, self.cfg.selective_ratio, history)
         teacher_lprobs = teacher(sample["net_input"])
