@@ -32,6 +32,17 @@ setup(
         "numpy",
     ],
     extras_require={"test": ["pytest>=7"]},
+    # the command-line tools, named in fairseq's style; each is also `python -m MODULE`
+    entry_points={
+        "console_scripts": [
+            "fairseq-kd-prepare = fairseq_kd.prepare:main",
+            "fairseq-kd-prepare-unlabeled = fairseq_kd.unlabeled:main",
+            "fairseq-kd-wmt = fairseq_kd.wmt:main",
+            "fairseq-kd-decode = fairseq_kd.decoding:main",
+            "fairseq-kd-score = fairseq_kd.scoring:main",
+            "fairseq-kd-average-checkpoints = fairseq_kd.checkpoints:main_average",
+        ],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

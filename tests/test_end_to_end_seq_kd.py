@@ -1,6 +1,6 @@
 """Sequence-level KD through the real tools on a slice of Multi30k.
 
-Teacher (session fixture, fairseq-train) -> examples/wmt14/decode_teacher.sh:
+Teacher (session fixture, fairseq-train) -> scripts/decode_teacher.sh:
 decode the train split in 2 shards (two processes, fairseq's SequenceGenerator
 on the safely loaded teacher), merge, binarize into the data directory ->
 fairseq-train ``--task distillation_translation --teacher-target-subset
@@ -34,7 +34,7 @@ def seq_kd_data(prepared, teacher_ckpt, tmp_path_factory):
         os.environ, PYTHON=sys.executable, NUM_SHARDS="2", PARALLEL="2", BEAM="5", NBEST="2",
         DECODE_ARGS=DECODE_ARGS, OMP_NUM_THREADS="1",
     )
-    script = os.path.join(cli.REPO, "examples", "wmt14", "decode_teacher.sh")
+    script = os.path.join(cli.REPO, "scripts", "decode_teacher.sh")
     proc = subprocess.run(
         ["bash", script, data, teacher_ckpt, NAME], capture_output=True, text=True, env=env,
         cwd=cli.REPO, timeout=600,

@@ -1,5 +1,5 @@
 """``iterative_distillation``: bitext mixed with source-only text, and the
-round pipeline ``examples/wmt14/iterate.sh``.
+round pipeline ``scripts/iterate.sh``.
 
 Unit tests run the task on in-memory toy batches (tests/toy.py) and check
 values against independent computations: the greedy prefixes against a plain
@@ -490,7 +490,7 @@ def test_load_dataset_mixes_the_source_only_split(toy_data, tmp_path):
 # end to end: fairseq-train on the fly, and the round pipeline
 # ---------------------------------------------------------------------------
 
-PIPELINE = os.path.join(cli.REPO, "examples", "wmt14", "iterate.sh")
+PIPELINE = os.path.join(cli.REPO, "scripts", "iterate.sh")
 SOURCE_ONLY_LINES = (1500, 1700)  # lines of train.en.gz after the slice's 1500 bitext pairs
 
 

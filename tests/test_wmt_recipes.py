@@ -1,6 +1,6 @@
 """The WMT recipes: corpus download/build (fake downloader), the shared pipeline, run.sh per pair.
 
-* ``examples/wmt14/prepare-wmt.sh`` runs against a fake ``curl`` (on PATH) that
+* ``scripts/prepare-wmt.sh`` runs against a fake ``curl`` (on PATH) that
   serves small archives built here from real lines of ``../shared/data`` in the
   layout of the official WMT archives, and a fake ``sacrebleu`` that serves the
   valid/test sets: corpus files, cleaning, line counts, observed checksums,
@@ -29,7 +29,7 @@ from tests import cli
 
 REPO = cli.REPO
 DATA = cli.SHARED_DATA
-PREPARE_WMT = os.path.join(REPO, "examples", "wmt14", "prepare-wmt.sh")
+PREPARE_WMT = os.path.join(REPO, "scripts", "prepare-wmt.sh")
 WMT_RUN = os.path.join(REPO, "examples", "wmt14", "run.sh")
 MULTI30K_RUN = os.path.join(REPO, "examples", "multi30k", "run.sh")
 
@@ -124,7 +124,7 @@ class FakeWorld:
     ``prepare`` runs ``python -m fairseq_kd.wmt prepare`` in this process
     (through its ``main``: exit status, stdout and stderr as a CompletedProcess;
     saves the package import of a subprocess), ``prepare_sh`` through
-    ``examples/wmt14/prepare-wmt.sh``.
+    ``scripts/prepare-wmt.sh``.
     """
 
     def __init__(self, root, monkeypatch, capfd):
@@ -727,7 +727,7 @@ def test_wmt_run_input_errors_are_one_line(tmp_path, args, message):
 
 
 def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
-    """The main job is a preset of examples/lib/pipeline.sh: same stages, same fairseq commands as before."""
+    """The main job is a preset of scripts/lib/pipeline.sh: same stages, same fairseq commands as before."""
     fake = FakePython(tmp_path / "fake")
     work = tmp_path / "work"
     proc = run_recipe(MULTI30K_RUN, ["--work", work], fake.env)

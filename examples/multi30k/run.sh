@@ -14,7 +14,7 @@
 # --data-root is the folder holding multi30k_en_de/ (default ../shared/data next
 # to the checkout); when the corpus is not there it is downloaded from the
 # official Multi30k repository and its checksums are verified.  The stages live in
-# examples/lib/pipeline.sh (shared with examples/wmt14/run.sh); this script is its preset.
+# scripts/lib/pipeline.sh (shared with examples/wmt14/run.sh); this script is its preset.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -57,7 +57,7 @@ case $SIZE in
     *) echo "run.sh: error: --size must be demo or full, got $SIZE" >&2; exit 2 ;;
 esac
 
-# ---- the shared pipeline (examples/lib/pipeline.sh) with this preset ------------------------------
+# ---- the shared pipeline (scripts/lib/pipeline.sh) with this preset ------------------------------
 RECIPE=run.sh
 STUDENTS=${STUDENTS:-$DEFAULT_STUDENTS}
 WORK=${WORK:-$REPO/work/multi30k_${SRC}_${TGT}_$SIZE}
@@ -73,6 +73,6 @@ STUDENT_AVERAGE=0; AVERAGE_UPPER_BOUND=
 DECODE_SHARDS=2; DECODE_PARALLEL=2; DECODE_ARGS="--max-len-a 1.2 --max-len-b 10"
 LENPEN=1; TEST_BATCH=128; FP16=0
 
-# shellcheck source=../lib/pipeline.sh
-source "$REPO/examples/lib/pipeline.sh"
+# shellcheck source=../../scripts/lib/pipeline.sh
+source "$REPO/scripts/lib/pipeline.sh"
 pipeline_run

@@ -4,9 +4,9 @@
 #   bash examples/wmt14/run.sh --pair en-de|en-fr|en-ro --scale cpu|full [--data-root DIR] [--work DIR]
 #        [--students "LIST"] [--checksums FILE] [--rounds N] [--unlabeled FILE]
 #
-# Stages (examples/lib/pipeline.sh, shared with the main job): [prepare_wmt] -> prepare -> teacher ->
+# Stages (scripts/lib/pipeline.sh, shared with the main job): [prepare_wmt] -> prepare -> teacher ->
 # translate_teacher -> [decode_train_with_teacher] -> per student: student_NAME [-> average_student_NAME]
-# -> translate_student_NAME -> sacrebleu table WORK/results.md -> [iterative rounds, examples/wmt14/iterate.sh].
+# -> translate_student_NAME -> sacrebleu table WORK/results.md -> [iterative rounds, scripts/iterate.sh].
 # A finished stage is skipped on a re-run (remove WORK/stages/NAME.done to redo one); prepare-wmt.sh
 # and iterate.sh keep their own state and skip their finished steps themselves.
 #
@@ -22,7 +22,7 @@
 #               --scale cpu the training source is used when it is not given)
 #
 # Environment overrides (quick tries, tests): TRAIN_LINES VALID_LINES TEST_LINES VOCAB TEACHER_UPDATES
-# STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS; PYTHON [python]; ITERATE_SH [examples/wmt14/iterate.sh].
+# STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS; PYTHON [python]; ITERATE_SH [scripts/iterate.sh].
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -35,7 +35,7 @@ CHECKSUMS=
 ROUNDS=0
 UNLABELED=
 PYTHON=${PYTHON:-python}
-ITERATE_SH=${ITERATE_SH:-$REPO/examples/wmt14/iterate.sh}
+ITERATE_SH=${ITERATE_SH:-$REPO/scripts/iterate.sh}
 RECIPE=run.sh
 
 die() { echo "$RECIPE: error: $*" >&2; exit 2; }
@@ -149,14 +149,14 @@ if [[ $SCALE == cpu ]]; then
     }
 fi
 
-# shellcheck source=../lib/pipeline.sh
-source "$REPO/examples/lib/pipeline.sh"
+# shellcheck source=../../scripts/lib/pipeline.sh
+source "$REPO/scripts/lib/pipeline.sh"
 pipeline_setup
 
 prepare_wmt() {  # no stage marker: prepare-wmt.sh skips its own finished steps, and verifies the
                  # archives again whenever --checksums is given
     echo "== [prepare_wmt] $(date '+%H:%M:%S') $DATA_ROOT/$CORPUS"
-    PYTHON="$PYTHON" bash "$REPO/examples/wmt14/prepare-wmt.sh" --pair "$PAIR" --out "$DATA_ROOT/$CORPUS" \
+    PYTHON="$PYTHON" bash "$REPO/scripts/prepare-wmt.sh" --pair "$PAIR" --out "$DATA_ROOT/$CORPUS" \
         ${CHECKSUMS:+--checksums "$CHECKSUMS"}
 }
 
@@ -180,5 +180,5 @@ pipeline_run
 if (( ROUNDS > 0 )); then
     iterate
 else
-    echo "iterative rounds on source-only text: add --rounds N [--unlabeled FILE] (runs examples/wmt14/iterate.sh)"
+    echo "iterative rounds on source-only text: add --rounds N [--unlabeled FILE] (runs scripts/iterate.sh)"
 fi

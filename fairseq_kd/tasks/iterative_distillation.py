@@ -24,7 +24,7 @@ splits each batch in two:
   - ``offline``: the labels binarized next to the source-only split
     (``--unlabeled-target-subset NAME``, written by ``python -m
     fairseq_kd.decoding decode/merge/binarize`` with beam search); this is the
-    per-round labelling of ``examples/wmt14/iterate.sh``, where the labeller
+    per-round labelling of ``scripts/iterate.sh``, where the labeller
     is the teacher or the previous round's student.
 
 Why call the chosen criterion on a sub-batch instead of adding per-row NLL

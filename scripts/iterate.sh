@@ -4,7 +4,7 @@
 #
 #   DATA=data-bin/wmt14_en_de UNLABELED=news.2014.en SPM_MODEL=spm.model \
 #   TEACHER=teacher/checkpoint_best.pt VALID_REF=raw/valid.de \
-#   WORK=work/iterate ROUNDS=3 bash examples/wmt14/iterate.sh
+#   WORK=work/iterate ROUNDS=3 bash scripts/iterate.sh
 #
 # Round 0:  data   link DATA into WORK/data and binarize UNLABELED there as split "unlabeled"
 #           eval   valid BLEU of the teacher (and of INIT)
@@ -62,7 +62,7 @@ REMOVE_BPE=${REMOVE_BPE:-sentencepiece}
 CPU=${CPU:-0}                        # 1: everything on the CPU
 PYTHON=${PYTHON:-python}
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 USER_DIR=${USER_DIR:-$REPO/user_dir}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the WMT corpus folder of one language pair from the official sources:
 #
-#   bash examples/wmt14/prepare-wmt.sh --pair en-de|en-fr|en-ro --out DIR [--checksums FILE]
+#   bash scripts/prepare-wmt.sh --pair en-de|en-fr|en-ro --out DIR [--checksums FILE]
 #                                      [--orig DIR] [--max-words 250] [--max-ratio 1.5]
 #
 #   en-de  WMT'14: Europarl v7, Common Crawl, News Commentary v9; newstest2013 / newstest2014
@@ -18,7 +18,7 @@
 #              PYTHON [python]
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 
 case ${1:-} in

@@ -5,7 +5,7 @@
 #   teacher                    fairseq-train the teacher (label-smoothed CE)
 #   translate_teacher          decode the test set, check the line count
 #   decode_train_with_teacher  Seq-KD data: the teacher's beam translations of the training source
-#                              (examples/wmt14/decode_teacher.sh), only for seq_kd / hybrid_gated_kd
+#                              (scripts/decode_teacher.sh), only for seq_kd / hybrid_gated_kd
 #   student_NAME               one student per entry of STUDENTS
 #   average_student_NAME       (STUDENT_AVERAGE > 0) average of its last STUDENT_AVERAGE interval checkpoints
 #   translate_student_NAME     decode the test set
@@ -52,7 +52,7 @@ pipeline_setup() {
     local v s
     [[ -z ${PIPELINE_READY:-} ]] || return 0
     for v in "${PIPELINE_VARS[@]}"; do
-        [[ -v $v ]] || { echo "pipeline.sh: error: the recipe did not set $v (see examples/lib/pipeline.sh)" >&2; exit 1; }
+        [[ -v $v ]] || { echo "pipeline.sh: error: the recipe did not set $v (see scripts/lib/pipeline.sh)" >&2; exit 1; }
     done
     for s in $STUDENTS; do
         [[ " $ALL_STUDENTS " == *" $s "* ]] || { echo "$RECIPE: error: unknown student $s ($ALL_STUDENTS)" >&2; exit 2; }
@@ -123,7 +123,7 @@ decode_train_with_teacher() {  # Seq-KD data: the teacher's translations of the 
     BEAM=$TRAIN_BEAM NUM_SHARDS=$DECODE_SHARDS PARALLEL=$DECODE_PARALLEL WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" \
         OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
         DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${decode_args[*]}" \
-        bash "$REPO/examples/wmt14/decode_teacher.sh" "$BIN" "$WORK/teacher/checkpoint_best.pt" train_teacher
+        bash "$REPO/scripts/decode_teacher.sh" "$BIN" "$WORK/teacher/checkpoint_best.pt" train_teacher
     require_file "$out" "the teacher decoding did not finish; re-run to resume it"
     assert_lines "$out" "$(wc -l < "$DATA/raw/train.$SRC")"
 }
