@@ -3,18 +3,18 @@
 A corpus is a folder with ``{train,valid,test}.{lang}`` files (plain text or
 ``.gz``).  :func:`locate_corpus` uses the local copy when the folder exists
 (``../shared/data/<name>`` in this project's checkouts) and otherwise
-downloads the files from the corpus' official source into that folder,
-verifying each file's sha256 before renaming it into place.
+downloads the files from the corpus' official source into that folder
+through :mod:`fairseq_kd.download`, which verifies each file's pinned sha256
+before renaming it into place.
 """
 
 import gzip
-import hashlib
 import io
 import os
-import urllib.request
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
 
+from fairseq_kd.download import fetch, sha256_of  # noqa: F401  (sha256_of: the name this module had)
 from fairseq_kd.errors import DistillationError
 
 MULTI30K = (
@@ -30,55 +30,42 @@ class RemoteFile:
     gunzip: bool = False
 
 
-CORPORA: Dict[str, Dict[str, RemoteFile]] = {
-    "multi30k_en_de": {
-        "train.en.gz": RemoteFile(MULTI30K + "train.en.gz", "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f"),
-        "train.de.gz": RemoteFile(MULTI30K + "train.de.gz", "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6"),
-        "valid.en": RemoteFile(MULTI30K + "val.en.gz", "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227", True),
-        "valid.de": RemoteFile(MULTI30K + "val.de.gz", "660e09eb7e1da2f856ea13ee5ad3cf6d36b3d5b0b733c857e94c5747a3dfc660", True),
-        "test.en": RemoteFile(MULTI30K + "test_2016_flickr.en.gz", "399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182", True),
-        "test.de": RemoteFile(MULTI30K + "test_2016_flickr.de.gz", "4be6b5b3236b79c25475c6bb829800a7ce559e9ba7a1f6c2394fe4d40be46d16", True),
-    },
-    "multi30k_en_fr": {
-        "train.en.gz": RemoteFile(MULTI30K + "train.en.gz", "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f"),
-        "train.fr.gz": RemoteFile(MULTI30K + "train.fr.gz", "622e75069e9f4c577425c4f277116ce66e63a2401c0a2312d90073cb12379a3c"),
-        "valid.en": RemoteFile(MULTI30K + "val.en.gz", "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227", True),
-        "valid.fr": RemoteFile(MULTI30K + "val.fr.gz", "5304e444d842e962b2dda4d816b70b22a1765b15401642b7ca37a67477e708dc", True),
-        "test.en": RemoteFile(MULTI30K + "test_2016_flickr.en.gz", "399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182", True),
-        "test.fr": RemoteFile(MULTI30K + "test_2016_flickr.fr.gz", "cb3160d69b002bb638e66cc7612fcd56cb0af82eadc9c142dedc438afb885ef6", True),
-    },
+# (local split, Multi30k file stem, gunzipped locally): train stays .gz, valid/test are stored as text
+_MULTI30K_SPLITS = (("train", "train", False), ("valid", "val", True), ("test", "test_2016_flickr", True))
+_MULTI30K_EN = {
+    "train": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "valid": "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227",
+    "test": "399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182",
 }
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _multi30k(lang: str, sha256s: Dict[str, str]) -> Dict[str, RemoteFile]:
+    """The Multi30k task 1 files of an English-``lang`` corpus; ``sha256s`` of the ``lang`` side per split."""
+    files = {}
+    for split, stem, gunzip in _MULTI30K_SPLITS:
+        for side, digest in (("en", _MULTI30K_EN[split]), (lang, sha256s[split])):
+            local = f"{split}.{side}" if gunzip else f"{split}.{side}.gz"
+            files[local] = RemoteFile(f"{MULTI30K}{stem}.{side}.gz", digest, gunzip)
+    return files
+
+
+CORPORA: Dict[str, Dict[str, RemoteFile]] = {
+    "multi30k_en_de": _multi30k("de", {
+        "train": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+        "valid": "660e09eb7e1da2f856ea13ee5ad3cf6d36b3d5b0b733c857e94c5747a3dfc660",
+        "test": "4be6b5b3236b79c25475c6bb829800a7ce559e9ba7a1f6c2394fe4d40be46d16",
+    }),
+    "multi30k_en_fr": _multi30k("fr", {
+        "train": "622e75069e9f4c577425c4f277116ce66e63a2401c0a2312d90073cb12379a3c",
+        "valid": "5304e444d842e962b2dda4d816b70b22a1765b15401642b7ca37a67477e708dc",
+        "test": "cb3160d69b002bb638e66cc7612fcd56cb0af82eadc9c142dedc438afb885ef6",
+    }),
+}
 
 
 def download(remote: RemoteFile, dest: str) -> None:
-    """Fetch ``remote`` into ``dest`` (through ``dest.tmp``), verifying its sha256."""
-    tmp = dest + ".tmp"
-    try:
-        with urllib.request.urlopen(remote.url, timeout=60) as response:
-            payload = response.read()
-    except OSError as e:
-        raise DistillationError(
-            f"cannot download {remote.url} into {dest} ({e}); copy the corpus there by hand"
-        )
-    if remote.gunzip:
-        payload = gzip.decompress(payload)
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    digest = sha256_of(tmp)
-    if digest != remote.sha256:
-        os.remove(tmp)
-        raise DistillationError(
-            f"checksum mismatch for {dest} from {remote.url}: got {digest}, expected {remote.sha256}"
-        )
-    os.replace(tmp, dest)
+    """Fetch ``remote`` into ``dest`` (through ``dest.part``), verifying its sha256."""
+    fetch(remote.url, dest, gunzip=remote.gunzip, expected=remote.sha256, pinned_by="fairseq_kd/corpora.py")
 
 
 def locate_corpus(name: str, data_root: str) -> str:

@@ -1,5 +1,9 @@
 """User-facing errors: one line on stderr, no traceback, non-zero exit code."""
 
+import contextlib
+import sys
+from typing import Iterator
+
 
 class DistillationError(SystemExit):
     """A configuration or input error the user can fix.
@@ -16,3 +20,19 @@ class DistillationError(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+@contextlib.contextmanager
+def exit_on_error(prog: str) -> Iterator[None]:
+    """The body of a command-line tool: a :class:`DistillationError` or an
+    ``OSError`` (disk full, permissions...) ends it with one line
+    ``PROG: error: ...`` on stderr and exit status 1, without a traceback."""
+    try:
+        yield
+    except DistillationError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # the file and the reason
+        print(f"{prog}: error: {e.filename or ''}: {e.strerror or e}; fix it and re-run (finished steps are kept)",
+              file=sys.stderr)
+        sys.exit(1)

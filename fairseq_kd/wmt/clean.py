@@ -1,0 +1,85 @@
+"""Reading and cleaning the training bitexts into ``OUT/train.{src,tgt}``.
+
+Training pairs are cleaned like Moses' ``clean-corpus-n.perl`` (``-ratio 1.5``,
+1 to 250 tokens) on whitespace-separated words: a pair is dropped when a side is
+empty, longer than ``max_words`` words, or when the word-count ratio exceeds
+``max_ratio``.  Carriage returns and other characters that some readers take
+for line breaks are replaced by spaces; nothing else is changed.
+"""
+
+import gzip
+import itertools
+import os
+import re
+from typing import Dict, Iterator, Tuple
+
+from tqdm import tqdm
+
+from fairseq_kd.errors import DistillationError
+from fairseq_kd.textio import count_lines
+from fairseq_kd.wmt.archives import Pair
+from fairseq_kd.wmt.log import log
+
+# characters that Python's universal-newline readers (and hence SentencePiece's
+# and fairseq-preprocess' callers) or str.splitlines() treat as line breaks
+_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def raw_lines(path: str) -> Iterator[str]:
+    """Lines split on ``\\n`` only (gunzipped when ``.gz``), decoded as UTF-8 (bad bytes replaced)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for line in f:
+            yield line.rstrip(b"\n").decode("utf-8", errors="replace")
+
+
+def clean_line(line: str) -> str:
+    return _LINE_BREAKS.sub(" ", line).strip()
+
+
+def keep_pair(src: str, tgt: str, max_words: int, max_ratio: float) -> bool:
+    ns, nt = len(src.split()), len(tgt.split())
+    if ns == 0 or nt == 0 or ns > max_words or nt > max_words:
+        return False
+    return max(ns, nt) / min(ns, nt) <= max_ratio
+
+
+def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int, max_ratio: float) -> Dict[str, Tuple[int, int]]:
+    """Concatenate and clean the training corpora into ``OUT/train.{src,tgt}``; returns ``{corpus: (read, kept)}``."""
+    dest = {lang: os.path.join(out, f"train.{lang}") for lang in (pair.src, pair.tgt)}
+    stats: Dict[str, Tuple[int, int]] = {}
+    if all(os.path.exists(p) for p in dest.values()):
+        log(f"train.{pair.src}, train.{pair.tgt}: built before, skipped")
+        return stats
+    tmp = {lang: path + ".tmp" for lang, path in dest.items()}
+    kept_total = 0
+    with open(tmp[pair.src], "w", encoding="utf-8") as fs, open(tmp[pair.tgt], "w", encoding="utf-8") as ft:
+        for bitext in pair.bitexts:
+            folder = extracted[bitext.archive]
+            src_path = os.path.join(folder, bitext.member(pair.src))
+            tgt_path = os.path.join(folder, bitext.member(pair.tgt))
+            read = kept = 0
+            pairs = itertools.zip_longest(raw_lines(src_path), raw_lines(tgt_path))
+            for s, t in tqdm(pairs, desc=f"clean {bitext.prefix}", unit=" pairs", leave=False):
+                if s is None or t is None:
+                    raise DistillationError(
+                        f"{src_path} and {tgt_path} differ in length (the {'source' if s is None else 'target'} "
+                        f"side ends after {read} lines); the archive {bitext.archive} is damaged or not the "
+                        f"expected release: delete it and re-run"
+                    )
+                read += 1
+                s, t = clean_line(s), clean_line(t)
+                if keep_pair(s, t, max_words, max_ratio):
+                    fs.write(s + "\n")
+                    ft.write(t + "\n")
+                    kept += 1
+            stats[bitext.prefix] = (read, kept)
+            kept_total += kept
+            log(f"{bitext.prefix}: {kept} of {read} pairs kept")
+    for lang in (pair.src, pair.tgt):
+        n = count_lines(tmp[lang])
+        if n != kept_total:
+            raise DistillationError(f"{tmp[lang]} has {n} lines, expected {kept_total}; delete it and re-run")
+    for lang in (pair.src, pair.tgt):
+        os.replace(tmp[lang], dest[lang])
+    return stats

@@ -1,0 +1,79 @@
+"""Extracting the wanted members of a downloaded .tgz/.tar/.zip archive, one streaming pass per archive."""
+
+import os
+import shutil
+import tarfile
+import zipfile
+from typing import Dict, List, Optional, Sequence
+
+from fairseq_kd.errors import DistillationError
+from fairseq_kd.wmt.log import log
+
+
+def _normalize(member: str) -> str:
+    while member.startswith("./"):
+        member = member[2:]
+    return member
+
+
+def _match(member: str, wanted: Sequence[str]) -> Optional[str]:
+    """The entry of ``wanted`` that ``member`` is (also under another top folder), or None."""
+    norm = _normalize(member)
+    for w in wanted:
+        if norm == w or norm.endswith("/" + w):
+            return w
+    return None
+
+
+def extract_members(archive_path: str, wanted: Sequence[str], dest_dir: str) -> None:
+    """Extract the ``wanted`` members of a .tgz/.tar/.zip to ``dest_dir/<wanted>``.
+
+    A member matches when its path is ``wanted`` or ends with ``/wanted``; a
+    .tgz is read in one streaming pass.  Members are extracted into
+    ``dest_dir.tmp`` and renamed into place one by one, so a file in
+    ``dest_dir`` is complete, and only missing ones are extracted (pairs that
+    share an archive, e.g. Europarl v7 for en-de and en-fr, add their members).
+    """
+    missing = [w for w in wanted if not os.path.exists(os.path.join(dest_dir, w))]
+    if not missing:
+        return
+    tmp = dest_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    log(f"{os.path.basename(archive_path)}: extracting {', '.join(missing)}")
+    found: Dict[str, List[str]] = {w: [] for w in missing}
+    try:
+        if zipfile.is_zipfile(archive_path):
+            with zipfile.ZipFile(archive_path) as z:
+                for name in z.namelist():
+                    w = _match(name, missing)
+                    if w is not None and not name.endswith("/"):
+                        found[w].append(name)
+                        _copy_stream(z.open(name), os.path.join(tmp, w))
+        else:
+            with tarfile.open(archive_path, mode="r|*") as t:
+                for member in t:
+                    w = _match(member.name, missing) if member.isfile() else None
+                    if w is not None:
+                        found[w].append(member.name)
+                        _copy_stream(t.extractfile(member), os.path.join(tmp, w))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DistillationError(f"cannot read {archive_path} ({e}); delete it and re-run to download it again")
+    for w, names in found.items():
+        if len(names) != 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+            what = "no member" if not names else f"{len(names)} members ({', '.join(names)}) for"
+            raise DistillationError(
+                f"{archive_path} has {what} {w}; it is damaged or not the expected release: delete it and re-run"
+            )
+    for w in missing:
+        os.makedirs(os.path.dirname(os.path.join(dest_dir, w)), exist_ok=True)
+        os.replace(os.path.join(tmp, w), os.path.join(dest_dir, w))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_stream(source, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with source, open(dest, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
