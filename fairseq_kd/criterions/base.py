@@ -11,6 +11,7 @@ compare directly with a student trained without KD.
 import math
 from dataclasses import dataclass, field
 
+import torch
 from fairseq import utils
 from fairseq.logging import metrics
 from fairseq.criterions import FairseqCriterion
@@ -19,6 +20,12 @@ from omegaconf import II
 
 from fairseq_kd import losses
 from fairseq_kd.errors import DistillationError
+
+
+def wrapped_in_torch_ddp(model) -> bool:
+    """Whether ``model`` is (or wraps) torch's DDP, whose gradient sync separate encoder/decoder calls bypass."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return isinstance(model, ddp) or isinstance(getattr(model, "module", None), ddp)
 
 
 @dataclass
@@ -67,6 +74,31 @@ class KDCriterion(FairseqCriterion):
     def sample_size(self, sample) -> int:
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
 
+    @property
+    def kd_loss_options(self) -> dict:
+        """Keyword arguments of ``losses.word_kd_loss`` (and its variants) set by the shared flags."""
+        t_scale = self.cfg.kd_temperature_scale
+        return dict(epsilon=self.eps, alpha=self.alpha, temperature=self.temperature, temperature_scale=t_scale)
+
+    def student_forward(self, model, sample):
+        """``(student_logits, target)`` of the student on the gold prefixes."""
+        net_output = model(**sample["net_input"])
+        return net_output[0], model.get_targets(sample, net_output)
+
+    def teacher_forced_kd(self, model, sample, teacher, loss_fn, **options):
+        """``loss_fn(student_logits, teacher_lprobs, target, pad, **kd_loss_options, **options)`` on the gold
+        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``."""
+        student_logits, target = self.student_forward(model, sample)
+        teacher_lprobs = teacher(sample["net_input"]) if teacher is not None else None
+        result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, **self.kd_loss_options, **options)
+        return result, (student_logits, teacher_lprobs, target)
+
+    def gold_forward(self, model, sample):
+        """Validation: the label-smoothed NLL of the gold target."""
+        student_logits, target = self.student_forward(model, sample)
+        loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
+        return loss, self.sample_size(sample), self.base_logging_output(sample, loss, nll_loss)
+
     def base_logging_output(self, sample, loss, nll_loss):
         return {
             "loss": loss.data,
@@ -82,6 +114,14 @@ class KDCriterion(FairseqCriterion):
             student_logits, teacher_lprobs, target, self.padding_idx
         ).item()
         logging_output[f"{key}_tokens"] = target.ne(self.padding_idx).sum().item()
+
+    def kd_logging_output(self, sample, loss, nll_loss, kd_loss, student_logits, teacher_lprobs, target):
+        """:meth:`base_logging_output` plus, with a teacher (``kd_loss`` not None), ``kd_loss`` and the agreement."""
+        logging_output = self.base_logging_output(sample, loss, nll_loss)
+        if kd_loss is not None:
+            logging_output["kd_loss"] = kd_loss.data
+            self.add_agreement(logging_output, student_logits, teacher_lprobs, target)
+        return logging_output
 
     # -- metrics ---------------------------------------------------------------
 

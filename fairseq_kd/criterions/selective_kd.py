@@ -82,9 +82,7 @@ class SelectiveKDCriterion(KDCriterion):
         return self.history
 
     def forward(self, model, sample, reduce=True, teacher=None):
-        net_output = model(**sample["net_input"])
-        student_logits = net_output[0]
-        target = model.get_targets(sample, net_output)
+        student_logits, target = self.student_forward(model, sample)
         lprobs = losses.log_probs(student_logits)  # one log-softmax for the NLL and the difficulty
         loss, nll_loss = self.label_smoothed(lprobs, target)
         logging_output = self.base_logging_output(sample, loss, nll_loss)

@@ -122,27 +122,14 @@ class SelfEvolutionKDCriterion(KDCriterion):
         )
 
     def forward(self, model, sample, reduce=True, teacher=None):
-        net_output = model(**sample["net_input"])
-        student_logits = net_output[0]
-        target = model.get_targets(sample, net_output)
-        teacher_lprobs = teacher(sample["net_input"]) if teacher is not None else None
-        loss, nll_loss, terms = losses.self_evolution_kd_loss(
-            student_logits,
-            teacher_lprobs,
-            target,
-            self.padding_idx,
-            epsilon=self.eps,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            temperature_scale=self.cfg.kd_temperature_scale,
-            nll_weight=self.cfg.sekd_nll_weight,
-            **self.sekd_options,
+        (loss, nll_loss, terms), tensors = self.teacher_forced_kd(
+            model, sample, teacher, losses.self_evolution_kd_loss,
+            nll_weight=self.cfg.sekd_nll_weight, **self.sekd_options,
         )
-        logging_output = self.base_logging_output(sample, loss, nll_loss)
+        kd_loss = terms.kd_loss if terms is not None else None
+        logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         if terms is not None:
-            logging_output["kd_loss"] = terms.kd_loss.data
             logging_output["sekd_hard"] = terms.n_hard.item()
             logging_output["sekd_difficulty"] = terms.difficulty_sum.item()
             logging_output["sekd_ratio"] = terms.ratio_sum.item()
-            self.add_agreement(logging_output, student_logits, teacher_lprobs, target)
         return loss, self.sample_size(sample), logging_output

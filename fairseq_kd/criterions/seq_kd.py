@@ -81,10 +81,7 @@ class SeqKDCriterion(KDCriterion):
             teacher_lprobs,
             teacher_target,
             self.padding_idx,
-            epsilon=self.eps,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            temperature_scale=self.cfg.kd_temperature_scale,
+            **self.kd_loss_options,
         )
         ntokens = sample["teacher_ntokens"]
         sample_size = teacher_target.size(0) if self.sentence_avg else ntokens
@@ -106,14 +103,6 @@ class SeqKDCriterion(KDCriterion):
         logging_output["loss"] = loss.data
         logging_output["nll_loss"] = nll_loss.data
         return loss, sample_size, logging_output
-
-    def gold_forward(self, model, sample):
-        """Validation: the label-smoothed NLL of the gold target."""
-        net_output = model(**sample["net_input"])
-        loss, nll_loss = losses.label_smoothed_nll(
-            net_output[0], model.get_targets(sample, net_output), self.padding_idx, self.eps
-        )
-        return loss, self.sample_size(sample), self.base_logging_output(sample, loss, nll_loss)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -18,16 +18,16 @@ recipe); torch's DistributedDataParallel would silently skip the gradient sync.
 """
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
-import torch
 from fairseq.criterions import register_criterion
 from fairseq.logging import metrics
 from torch import Tensor
 
 from fairseq_kd import losses
-from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
+from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, wrapped_in_torch_ddp
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.losses import next_prefix
 
 
 @dataclass
@@ -57,26 +57,6 @@ class TieKDConfig(KDCriterionConfig):
         metadata={"help": "feed predicted pad ids back as the reference code does; by default they "
                   "are replaced by unk so that the decoder does not mask them as padding"},
     )
-
-
-def next_prefix(
-    prev_output_tokens: Tensor, student_logits: Tensor, padding_idx: int, pad_replacement: Optional[int]
-) -> Tensor:
-    """Decoder input of the next TIE-KD pass: the student's greedy predictions,
-    shifted right behind the first (BOS = EOS) column of ``prev_output_tokens``.
-
-    Predicted ``padding_idx`` ids become ``pad_replacement`` unless it is None.
-    Returns a new tensor; ``prev_output_tokens`` is left untouched.
-    """
-    predictions = student_logits.detach().argmax(dim=-1)
-    if pad_replacement is not None:
-        predictions = predictions.masked_fill(predictions.eq(padding_idx), pad_replacement)
-    return torch.cat([prev_output_tokens[:, :1], predictions[:, :-1]], dim=1)
-
-
-def _wrapped_in_torch_ddp(model) -> bool:
-    ddp = torch.nn.parallel.DistributedDataParallel
-    return isinstance(model, ddp) or isinstance(getattr(model, "module", None), ddp)
 
 
 @register_criterion("tie_kd", dataclass=TieKDConfig)
@@ -120,42 +100,31 @@ class TieKDCriterion(KDCriterion):
             yield prev, student_logits, teacher.forward_decoder(prev, teacher_encoder_outs)
 
     def forward(self, model, sample, reduce=True, teacher=None):
-        target = sample["target"]
         if teacher is None:
-            student_logits = model(**sample["net_input"])[0]
-            loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
-            return loss, self.sample_size(sample), self.base_logging_output(sample, loss, nll_loss)
-        if _wrapped_in_torch_ddp(model):
+            return self.gold_forward(model, sample)
+        if wrapped_in_torch_ddp(model):
             raise DistillationError(
                 "tie_kd calls the student's encoder and decoder separately, which bypasses "
                 "DistributedDataParallel's gradient sync: train with --ddp-backend legacy_ddp"
             )
-
-        kl_sum = rank_sum = 0.0
-        agreements = []  # per pass, only logged when there are several
+        target = sample["target"]
+        kl_sums, rank_sums, agreements = [], [], []  # agreements: per pass, logged when N > 1
         passes = self.decoding_passes(model, sample["net_input"], teacher)
         for n, (_, student_logits, teacher_lprobs) in enumerate(passes, start=1):
             if n == 1:
-                ls_loss, nll_loss = losses.label_smoothed_nll(
-                    student_logits, target, self.padding_idx, self.eps
-                )
+                ls_loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
                 gold_pass = (student_logits, teacher_lprobs)
             kl, rank = losses.tie_kd_terms(
                 student_logits, teacher_lprobs, target, self.padding_idx,
                 topk=self.topk, ranking=self.ranking, log_epsilon=self.log_epsilon,
             )
-            kl_sum = kl_sum + kl
-            if rank is not None:
-                rank_sum = rank_sum + rank
+            kl_sums.append(kl)
+            rank_sums.append(rank)
             if self.iterations > 1:
                 agreements.append(
                     losses.top1_agreement(student_logits, teacher_lprobs, target, self.padding_idx).item()
                 )
-
-        kd_loss = kl_sum / self.iterations
-        rank_loss = rank_sum / self.iterations if self.ranking else None
-        distill = kd_loss + rank_loss if self.ranking else kd_loss
-        loss = (1.0 - self.alpha) * ls_loss + self.alpha * distill
+        loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, self.alpha)
 
         logging_output = self.base_logging_output(sample, loss, nll_loss)
         logging_output["kd_loss"] = kd_loss.data

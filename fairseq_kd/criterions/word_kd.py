@@ -45,24 +45,9 @@ class WordKDCriterion(KDCriterion):
             raise DistillationError(f"--skew-lambda must be in [0, 1), got {cfg.skew_lambda}")
 
     def forward(self, model, sample, reduce=True, teacher=None):
-        net_output = model(**sample["net_input"])
-        student_logits = net_output[0]
-        target = model.get_targets(sample, net_output)
-        teacher_lprobs = teacher(sample["net_input"]) if teacher is not None else None
-        loss, nll_loss, kd_loss = losses.word_kd_loss(
-            student_logits,
-            teacher_lprobs,
-            target,
-            self.padding_idx,
-            epsilon=self.eps,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            temperature_scale=self.cfg.kd_temperature_scale,
-            divergence=str(self.cfg.kd_divergence),
-            skew_lambda=self.cfg.skew_lambda,
+        (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
+            model, sample, teacher, losses.word_kd_loss,
+            divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda,
         )
-        logging_output = self.base_logging_output(sample, loss, nll_loss)
-        if kd_loss is not None:
-            logging_output["kd_loss"] = kd_loss.data
-            self.add_agreement(logging_output, student_logits, teacher_lprobs, target)
+        logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         return loss, self.sample_size(sample), logging_output

@@ -1,0 +1,137 @@
+"""Divergences between teacher and student distributions and Word-KD.
+
+The forward KL ``KL(p_t || p_s)`` (Word-KD, mode-covering), the reverse KL
+``KL(p_s || p_t)`` (mode-seeking) and DistiLLM's skew KL / skew reverse KL
+(Ko et al., ICML 2024), per position or summed, and :func:`word_kd_loss`, the
+LS-NLL + divergence combination of ``word_kd`` and ``seq_kd``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fairseq_kd.losses.common import _xlogy_ratio, log_probs, nll_from_log_probs, non_pad_mask
+
+
+#: ``kl``: KL(p_t || p_s) (mode-covering, Word-KD); ``rkl``: KL(p_s || p_t)
+#: (mode-seeking); ``skl``: KL(p_t || l*p_t + (1-l)*p_s); ``srkl``:
+#: KL(p_s || l*p_s + (1-l)*p_t)  (Ko et al., DistiLLM, ICML 2024)
+DIVERGENCES = ("kl", "rkl", "skl", "srkl")
+
+
+def kl_from_log_probs(
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor
+) -> Tensor:
+    """Per-position ``KL(p_t || p_s)`` (``[B, T]``, zero where ``mask`` is False).
+
+    ``0 * log 0 = 0``: a teacher that puts exactly zero mass on a token (-inf
+    log-probability) does not turn the sum into NaN."""
+    return _xlogy_ratio(teacher_lprobs, student_lprobs).masked_fill(~mask, 0.0)
+
+
+def kl_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    padding_idx: int,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Exact ``sum_m KL(p_teacher^tau || p_student^tau)``.
+
+    Both distributions are softened by the same temperature
+    (``softmax(logits / tau)``, float32).  No ``tau^2`` factor is applied here:
+    the criterion decides how to scale the term.
+    """
+    mask = non_pad_mask(target, padding_idx)
+    return kl_from_log_probs(
+        log_probs(student_logits, temperature),
+        log_probs(teacher_logits, temperature),
+        mask,
+    ).sum()
+
+
+def word_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Optional[Tensor],
+    target: Tensor,
+    padding_idx: int,
+    epsilon: float,
+    alpha: float,
+    temperature: float = 1.0,
+    temperature_scale: bool = True,
+    divergence: str = "kl",
+    skew_lambda: float = 0.1,
+):
+    """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * D(p_t^tau, p_s^tau)``.
+
+    ``D`` is the forward KL by default; ``divergence`` selects another member
+    of :data:`DIVERGENCES` (see :func:`divergence_from_log_probs`).
+    ``s = tau^2`` when ``temperature_scale`` (Hinton et al.'s convention, which
+    keeps gradient magnitudes comparable across temperatures) and 1 otherwise.
+    The student's log-softmax is computed once and shared by both terms when
+    ``tau == 1``.  Returns ``(loss, nll_loss, kd_loss)`` sums;
+    ``kd_loss`` is the unscaled divergence sum (``None`` without a teacher, in
+    which case ``loss`` is the plain LS-NLL).
+    """
+    student_lprobs = log_probs(student_logits)
+    ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
+    if teacher_logits is None:
+        return ls_loss, nll_loss, None
+    mask = non_pad_mask(target, padding_idx)
+    if temperature == 1.0:
+        student_soft = student_lprobs
+    else:
+        student_soft = log_probs(student_logits, temperature)
+    kd_loss = divergence_from_log_probs(
+        student_soft, log_probs(teacher_logits, temperature), mask, divergence, skew_lambda
+    ).sum()
+    scale = temperature**2 if temperature_scale else 1.0
+    loss = (1.0 - alpha) * ls_loss + alpha * scale * kd_loss
+    return loss, nll_loss, kd_loss
+
+
+def reverse_kl_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-position ``KL(p_s || p_t)``.  A token the teacher gives exactly zero
+    probability contributes 0 instead of infinity, as DistiLLM's reference
+    ``reverse_kl`` does (``masked_fill(isinf, 0)``)."""
+    p = student_lprobs.exp()
+    pointwise = p * (student_lprobs - teacher_lprobs)
+    pointwise = pointwise.masked_fill(torch.isinf(teacher_lprobs) | (p == 0), 0.0)
+    return pointwise.sum(dim=-1).masked_fill(~mask, 0.0)
+
+
+def skew_kl_from_log_probs(
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, skew_lambda: float, reverse: bool = False
+) -> Tensor:
+    """Per-position skew KL ``KL(p_t || l*p_t + (1-l)*p_s)``, or with ``reverse``
+    the skew reverse KL ``KL(p_s || l*p_s + (1-l)*p_t)``.
+
+    The mixture is formed in log space with ``logaddexp`` (stable for tiny
+    probabilities).  This is the *true* KL, as in KDFlow's implementation;
+    DistiLLM's reference SKL drops the constant ``sum p_t log p_t`` (a
+    cross-entropy, larger by the teacher's entropy, same gradient).
+    ``0 < l < 1``; at ``l = 0`` both reduce to the plain KL / reverse KL.
+    """
+    if not 0.0 <= skew_lambda < 1.0:
+        raise ValueError(f"skew lambda must be in [0, 1), got {skew_lambda}")
+    anchor, other = (student_lprobs, teacher_lprobs) if reverse else (teacher_lprobs, student_lprobs)
+    if skew_lambda == 0.0:
+        mixture = other
+    else:
+        mixture = torch.logaddexp(anchor + math.log(skew_lambda), other + math.log1p(-skew_lambda))
+    return _xlogy_ratio(anchor, mixture).masked_fill(~mask, 0.0)
+
+
+def divergence_from_log_probs(
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1
+) -> Tensor:
+    """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`)."""
+    if divergence == "kl":
+        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+    if divergence == "rkl":
+        return reverse_kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+    if divergence in ("skl", "srkl"):
+        return skew_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, skew_lambda, reverse=divergence == "srkl")
+    raise ValueError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
