@@ -11,15 +11,11 @@ from fairseq import utils as fairseq_utils
 from fairseq.logging import metrics
 
 from fairseq_kd import losses
-from fairseq_kd.criterions.hybrid_gated_kd import (
-    HybridGatedKDConfig,
-    HybridGatedKDCriterion,
-    greedy_teacher_translation,
-    pooled_encoder_states,
-    shift_right,
-)
+from fairseq_kd.criterions.hybrid_gated_kd import HybridGatedKDConfig, HybridGatedKDCriterion
 from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.modules.hybrid_gate import pooled_encoder_states
+from fairseq_kd.teacher.greedy import greedy_teacher_translation, shift_right
 from tests import toy
 
 EPS = 0.1

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.losses import log_mean_exp
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fairseq_kd.teacher")
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

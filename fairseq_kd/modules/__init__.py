@@ -1,0 +1,1 @@
+"""nn.Modules of the distillation criterions (their pure math is in :mod:`fairseq_kd.losses`)."""

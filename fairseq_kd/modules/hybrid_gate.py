@@ -1,0 +1,254 @@
+"""The gate of ``hybrid_gated_kd`` and the tensor helpers of its two levels.
+
+* ``L_tok = s * KL(p_t^tau || p_s^tau)`` per position on the gold prefixes, or
+  on the teacher-translation prefixes (``--hybrid-token-prefix teacher``);
+  ``s = tau^2`` or 1 as in ``word_kd`` (:func:`token_level`);
+* ``L_sent`` = label-smoothed NLL of the teacher's translation y_hat, teacher
+  forcing on y_hat: the offline Seq-KD translation of the batch
+  (``--hybrid-sent-target offline``) or the teacher's greedy translation
+  decoded on the fly (``greedy-online``; the teacher's argmax on the y_hat
+  prefixes then reproduces y_hat, the spec's self-consistent reading)
+  (:func:`sentence_target`);
+* ``u`` is the gate unit: the batch (``--gate fixed|scalar``), a sentence
+  (``sentence``: G from the student's mean-pooled encoder output) or a
+  position (``token``: G from the student's decoder state on y_hat, which
+  needs both levels on the same prefixes).  Gate inputs are detached: the gate
+  cannot bend the translation model.
+
+A learned gate weights the student's loss as a constant (``sg(G)``) and is
+trained by its own objective (``losses.gate_objective``)::
+
+    J = sum_u w_u [ G_u * (a_u - b_u) + lambda * KL(Bernoulli(G_u) || Bernoulli(prior)) ]
+
+``a_u``, ``b_u``: per-token *excess* losses of the two levels, i.e. each loss
+minus its smallest attainable value (0 for the KL, the entropy of the smoothed
+one-hot for the label-smoothed NLL), so both are KL divergences from the
+level's target to the student and vanish when the student reproduces it.
+``G * (a - b)`` is the G-dependent part of the hybrid loss per token: the
+gate favours the level the student fits better, which is the paper's finding
+(token level for easy, sentence level for hard settings).  Trained on that
+alone the gate is bistable and collapses (the level it favours gets fitted
+better, which favours it more; ``dL/dz = sigma'(z) (a - b)``).  The Bernoulli
+prior makes the minimum in z unique, ``G* = sigmoid(logit(prior) - (a - b) /
+lambda)`` (a soft-min of the two levels at temperature lambda), so G stays in
+``sigmoid(logit(prior) +- D / lambda)`` when the per-token gap is at most D.
+Why not a learning-progress reward: see docs/hybrid_gated_kd.md.
+
+The pure gate math (``gated_mixture``, ``gate_objective``,
+``label_smoothing_floor``) lives in :mod:`fairseq_kd.losses`; this module
+holds the :class:`HybridGate` parameters, the student/teacher tensors the two
+levels are computed on, the mixtures per gate unit and the option checks.
+"""
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fairseq_kd import losses
+from fairseq_kd.errors import DistillationError
+from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right
+
+GATES = ("fixed", "scalar", "sentence", "token")
+SENT_TARGETS = ("greedy-online", "offline")
+TOKEN_PREFIXES = ("gold", "teacher")
+
+
+class HybridGate(nn.Module):
+    """A learned gate; ``forward`` returns the logit z of ``G = sigmoid(z)`` per unit.
+
+    * ``scalar``: one parameter, ``z`` of shape ``[1]``;
+    * ``sentence`` / ``token``: ``z = w . layer_norm(sg(x)) + b`` for features
+      ``x`` ``[B, C]`` or ``[B, T, C]``; ``w = 0`` at start, so every unit starts
+      at ``G = init``.  The non-affine layer norm makes the gate insensitive to
+      the scale of the student's states.
+
+    Computed in float32 whatever the parameters' dtype (``--fp16`` casts the
+    criterion to half).
+    """
+
+    def __init__(self, kind: str, init: float = 0.5, input_dim: Optional[int] = None):
+        super().__init__()
+        self.kind = kind
+        bias = math.log(init / (1.0 - init))
+        if kind == "scalar":
+            # shape [1], not []: fairseq's legacy_ddp cannot all-reduce a 0-dim gradient
+            self.logit = nn.Parameter(torch.full((1,), bias))
+        elif kind in ("sentence", "token"):
+            self.proj = nn.Linear(input_dim, 1)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.constant_(self.proj.bias, bias)
+        else:
+            raise ValueError(f"not a learned gate: {kind!r}")
+
+    def forward(self, features: Optional[Tensor] = None) -> Tensor:
+        if self.kind == "scalar":
+            return self.logit.float()
+        x = features.detach().float()
+        if x.size(-1) != self.proj.in_features:
+            raise DistillationError(
+                f"--gate {self.kind} was built for {self.proj.in_features}-dim features but the student's "
+                f"are {x.size(-1)}-dim: set --gate-input-dim {x.size(-1)}"
+            )
+        x = F.layer_norm(x, x.shape[-1:])
+        return F.linear(x, self.proj.weight.float(), self.proj.bias.float()).squeeze(-1)
+
+
+def check_config(cfg) -> None:
+    """Raise :class:`DistillationError` on inconsistent ``hybrid_gated_kd`` options."""
+    gate_kind, token_prefix = str(cfg.gate), str(cfg.hybrid_token_prefix)
+
+    def fail(message):
+        raise DistillationError(message)
+
+    if not 0.0 <= cfg.gate_fixed_value <= 1.0:
+        fail(f"--gate-fixed-value must be in [0, 1], got {cfg.gate_fixed_value}")
+    if not 0.0 < cfg.gate_init < 1.0:
+        fail(f"--gate-init must be in (0, 1) (a learned gate's initial G), got {cfg.gate_init}")
+    if not 0.0 < cfg.gate_prior < 1.0:
+        fail(f"--gate-prior must be in (0, 1), got {cfg.gate_prior}")
+    if cfg.gate_prior_weight < 0:
+        fail(f"--gate-prior-weight must be >= 0, got {cfg.gate_prior_weight}")
+    if cfg.hybrid_max_len_a < 0 or cfg.hybrid_max_len_b < 1:
+        fail(f"--hybrid-max-len-a must be >= 0 and --hybrid-max-len-b >= 1, got "
+             f"{cfg.hybrid_max_len_a} and {cfg.hybrid_max_len_b}")
+    if gate_kind in ("sentence", "token") and not (cfg.gate_input_dim or 0) > 0:
+        fail(f"--gate {gate_kind} needs --gate-input-dim (the student's "
+             f"{'encoder' if gate_kind == 'sentence' else 'decoder'} output dimension)")
+    if gate_kind == "token" and token_prefix != "teacher":
+        fail("--gate token mixes both levels position by position, so both must be teacher-forced "
+             "on the same prefixes: add --hybrid-token-prefix teacher")
+
+
+def check_gate_state(own_state, their_state, gate_kind: str) -> None:
+    """Raise unless a checkpoint's criterion state has the shapes of this gate."""
+    own = {k: tuple(v.shape) for k, v in own_state.items()}
+    theirs = {k: tuple(v.shape) for k, v in their_state.items()}
+    if own != theirs:
+        raise DistillationError(
+            f"the checkpoint's gate {theirs} does not fit --gate {gate_kind} {own}: "
+            f"resume with the --gate and --gate-input-dim it was trained with"
+        )
+
+
+# -- student and teacher tensors ------------------------------------------------
+
+
+def decode_student(model, prev_output_tokens: Tensor, encoder_out):
+    """``(logits, features)`` of the student's decoder on ``prev_output_tokens``
+    (what ``model(**net_input)`` computes, plus the states before the output projection)."""
+    features, _ = model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
+    return model.decoder.output_layer(features), features
+
+
+def pooled_encoder_states(encoder_out) -> Tensor:
+    """Mean of the encoder states over the non-pad source positions, ``[B, C]``."""
+    if not isinstance(encoder_out, dict) or "encoder_out" not in encoder_out:
+        raise DistillationError(
+            "--gate sentence needs a fairseq Transformer-style encoder output "
+            "(a dict with 'encoder_out'); use --gate scalar or token with this model"
+        )
+    states = encoder_out["encoder_out"]
+    states = (states[0] if isinstance(states, list) else states).transpose(0, 1)  # [B, S, C]
+    mask = encoder_out.get("encoder_padding_mask")
+    if isinstance(mask, list):
+        mask = mask[0] if len(mask) > 0 else None
+    if mask is None:
+        return states.mean(dim=1)
+    keep = (~mask).unsqueeze(-1).to(states.dtype)
+    return (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
+def sentence_target(cfg, sample, teacher, teacher_encoder_out, model, pad: int, eos: int) -> Dict[str, Tensor]:
+    """The teacher translation y_hat: ``target``, ``prev_output_tokens`` and,
+    when known for free, ``teacher_lprobs`` on its prefixes."""
+    if str(cfg.hybrid_sent_target) == "offline":
+        if sample.get("teacher_target") is None:
+            raise DistillationError(
+                "--hybrid-sent-target offline needs batches carrying the teacher's translations "
+                "(sample key 'teacher_target'): pass --teacher-target-subset NAME to the "
+                "distillation task, or use --hybrid-sent-target greedy-online"
+            )
+        target = sample["teacher_target"]
+        prev = sample.get("teacher_prev_output_tokens")
+        if prev is None:
+            prev = shift_right(target, pad, eos)
+        return {"target": target, "prev_output_tokens": prev, "teacher_lprobs": None}
+    return greedy_teacher_translation(
+        teacher, sample["net_input"], pad, eos,
+        cfg.hybrid_max_len_a, cfg.hybrid_max_len_b,
+        max_decoder_positions(model, teacher), encoder_outs=teacher_encoder_out,
+    )
+
+
+def token_level(
+    teacher, teacher_encoder_out, prefix: Tensor, student_logits: Tensor, target: Tensor, pad: int,
+    temperature: float, teacher_lprobs: Optional[Tensor] = None, student_lprobs: Optional[Tensor] = None,
+):
+    """``(KL(p_t^tau || p_s^tau) per position [B, T], its mask, the teacher's log-probs)`` on
+    ``prefix``; the teacher is decoded unless ``teacher_lprobs`` are given, the student's
+    tempered log-probs are computed unless ``student_lprobs`` are given."""
+    if teacher_lprobs is None:
+        teacher_lprobs = teacher.forward_decoder(prefix, teacher_encoder_out)
+    mask = target.ne(pad)
+    if student_lprobs is None:
+        student_lprobs = losses.log_probs(student_logits, temperature)
+    kl = losses.kl_from_log_probs(student_lprobs, losses.log_probs(teacher_lprobs, temperature), mask)
+    return kl, mask, teacher_lprobs
+
+
+def sentence_level(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
+    """``(label-smoothed NLL per position [B, T], its NLL part, the mask)`` of y_hat."""
+    mask = target.ne(pad)
+    ls, nll = losses.label_smoothed_nll_per_position(losses.log_probs(hyp_logits), target, pad, eps)
+    return ls, nll, mask
+
+
+# -- the mixtures ---------------------------------------------------------------
+
+
+def per_unit(values: Tensor, gate_kind: str) -> Tensor:
+    """Sums of ``[B, T]`` per-position values over the gate's units: the batch
+    (``fixed``, ``scalar``), each sentence (``[B]``) or none (``token``)."""
+    if gate_kind in ("fixed", "scalar"):
+        return values.sum()
+    if gate_kind == "sentence":
+        return values.sum(dim=1)
+    return values
+
+
+def fixed_mixture(token_pos: Optional[Tensor], sent_pos: Optional[Tensor], fixed_gate: float) -> Tensor:
+    """``G * L_tok + (1 - G) * L_sent`` for a constant G (a level not computed is None)."""
+    if sent_pos is None:
+        return token_pos.sum()
+    if token_pos is None:
+        return sent_pos.sum()
+    return losses.gated_mixture(token_pos.sum(), sent_pos.sum(), fixed_gate)
+
+
+def learned_mixture(
+    gate: HybridGate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features,
+    eps: float, vocab_size: int, prior: float, prior_weight: float,
+):
+    """``(sum_u sg(G_u) L_tok,u + (1 - sg(G_u)) L_sent,u,  J,  G of every unit)``."""
+    kind = gate.kind
+    if kind == "scalar":
+        logits = gate()
+    elif kind == "sentence":
+        logits = gate(pooled_encoder_states(encoder_out))
+    else:  # token: both levels on the teacher-translation positions
+        logits = gate(hyp_features)
+    token_loss, sent_loss = per_unit(token_pos, kind), per_unit(sent_pos, kind)
+    token_count = per_unit(token_mask.to(token_pos), kind)
+    sent_count = per_unit(sent_mask.to(sent_pos), kind)
+    values = torch.sigmoid(logits)
+    hybrid = losses.gated_mixture(token_loss, sent_loss, values.detach())
+    # excess losses: the KL's minimum is 0, the LS-NLL's the entropy of the smoothed one-hot
+    floor = losses.label_smoothing_floor(eps, vocab_size)
+    objective = losses.gate_objective(
+        logits, token_loss, sent_loss - floor * sent_count, token_count, sent_count, prior, prior_weight,
+    )
+    values = values[sent_mask] if kind == "token" else values.reshape(-1)
+    return hybrid, objective, values
