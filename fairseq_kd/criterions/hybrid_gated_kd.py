@@ -1,39 +1,20 @@
 """Hybrid gated token/sentence-level KD (Wei et al., IJCAI 2024, arXiv 2404.14827).
 
-Verified (the paper's Figure 1): ``L = G * L_token + (1 - G) * L_sentence``,
-the token level matching the teacher's distribution, the sentence level
-training on the teacher's argmax output.  The paper has no public code; how G
-is computed and trained is reconstructed (docs/hybrid_gated_kd.md)::
-
-    loss = (1 - alpha) * LS-NLL(gold) + alpha * sum_u [G_u * L_tok,u + (1 - G_u) * L_sent,u]
-
-The levels, the gate units and the gate's objective J:
-:mod:`fairseq_kd.modules.hybrid_gate`; the online greedy y_hat:
-:mod:`fairseq_kd.teacher.greedy`.  ``alpha = 1`` (the default) is the paper's
-loss.  With ``--gate fixed``, ``G = 1`` is ``word_kd`` and ``G = 0`` with
-``alpha = 1`` is ``seq_kd`` (the unused level is then not computed); on
-teacher prefixes, ``G = a`` with ``alpha = 1`` is ``seq_kd --kd-alpha a``.  A
-learned gate weights the loss as a constant ``sg(G)``; J enters the returned
-loss as ``J - sg(J)`` (same gradient, value 0), so ``loss`` stays comparable
-with ``word_kd`` and ``seq_kd``.
-
-Logged per update: ``tok_loss`` (KL per token-level token, nats),
-``sent_loss`` / ``sent_nll`` (per y_hat token, nats), ``gate_mean``,
-``gate_std`` (over gate units), ``gate_obj`` (per gold token),
-``sent_len_ratio`` (y_hat tokens / gold tokens) and ``kd_top1_agree``.
-``sample_size`` is the number of gold tokens (sentences with
-``--sentence-avg``), as in ``word_kd``.  Validation: plain LS-NLL of the gold.
+``loss = (1 - alpha) * LS-NLL(gold) + alpha * sum_u [G_u * L_tok,u + (1 - G_u) * L_sent,u]``: the token
+level matches the teacher's distribution, the sentence level trains on the teacher's argmax output
+(the paper's Figure 1); how G is computed and trained is reconstructed. The levels, the gate units and
+the gate's objective live in :mod:`fairseq_kd.modules.hybrid_gate`, the online greedy translation in
+:mod:`fairseq_kd.teacher.greedy`; the readings, limits (``--gate fixed`` at 1 is ``word_kd``, at 0
+``seq_kd``) and logged values are documented in docs/hybrid_gated_kd.md.  Validation: plain LS-NLL.
 """
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
-from fairseq.logging import metrics
 
 from fairseq_kd import losses
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
@@ -89,9 +70,7 @@ class HybridGatedKDCriterion(KDCriterion):
         # the unused level of a fixed 0/1 gate is not computed
         self.use_token_level = self.fixed_gate != 0.0
         self.use_sentence_level = self.fixed_gate != 1.0
-        self.gate = (
-            None if self.gate_kind == "fixed" else HybridGate(self.gate_kind, cfg.gate_init, cfg.gate_input_dim)
-        )
+        self.gate = None if self.gate_kind == "fixed" else HybridGate(self.gate_kind, cfg.gate_init, cfg.gate_input_dim)
         #: the distillation task refuses to build the criterion without --teacher-target-subset
         self.needs_teacher_target = self.sent_target == "offline" and (
             self.use_sentence_level or self.token_prefix == "teacher"
@@ -110,9 +89,7 @@ class HybridGatedKDCriterion(KDCriterion):
 
     def forward(self, model, sample, reduce=True, teacher=None):
         if teacher is None:  # validation
-            net_output = model(**sample["net_input"])
-            loss, nll_loss = losses.label_smoothed_nll(net_output[0], sample["target"], self.padding_idx, self.eps)
-            return loss, self.sample_size(sample), self.base_logging_output(sample, loss, nll_loss)
+            return self.gold_forward(model, sample)
 
         net_input, target, pad = sample["net_input"], sample["target"], self.padding_idx
         token_on_gold = self.use_token_level and self.token_prefix == "gold"
@@ -146,18 +123,14 @@ class HybridGatedKDCriterion(KDCriterion):
             self.add_agreement(logging_output, student_logits, teacher_lprobs, token_target)
         if self.use_sentence_level:
             sent_pos, sent_nll, sent_mask = hybrid_gate.sentence_level(hyp_logits, hyp["target"], pad, self.eps)
-            logging_output.update(
-                sent_loss=sent_pos.sum().data, sent_nll=sent_nll.sum().data, sent_tokens=sent_mask.sum().item()
-            )
+            logging_output.update(sent_loss=sent_pos.sum().data, sent_nll=sent_nll.sum().data,
+                                  sent_tokens=sent_mask.sum().item())
 
-        if self.gate is None:
-            hybrid, gate_objective = hybrid_gate.fixed_mixture(token_pos, sent_pos, self.fixed_gate), None
-            gate_values = torch.tensor([self.fixed_gate])
-        else:
-            hybrid, gate_objective, gate_values = hybrid_gate.learned_mixture(
-                self.gate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features,
-                self.eps, hyp_logits.size(-1), self.cfg.gate_prior, self.cfg.gate_prior_weight,
-            )
+        hybrid, gate_objective, gate_values = hybrid_gate.mixture(
+            self.gate, self.fixed_gate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features,
+            self.eps, None if hyp_logits is None else hyp_logits.size(-1), self.cfg.gate_prior,
+            self.cfg.gate_prior_weight,
+        )
         loss = self.alpha * hybrid
         if self.alpha < 1:
             loss = loss + (1.0 - self.alpha) * gold_ls
@@ -167,12 +140,7 @@ class HybridGatedKDCriterion(KDCriterion):
             logging_output["gate_obj"] = gate_objective.data
 
         logging_output.update(self.base_logging_output(sample, loss, gold_nll))
-        gate_values = gate_values.detach().double()
-        logging_output.update(
-            gate_sum=gate_values.sum().item(),
-            gate_sq_sum=gate_values.pow(2).sum().item(),
-            gate_count=gate_values.numel(),
-        )
+        logging_output.update(hybrid_gate.gate_statistics(gate_values))
         return loss, self.sample_size(sample), logging_output
 
     # -- metrics -------------------------------------------------------------------
@@ -181,27 +149,12 @@ class HybridGatedKDCriterion(KDCriterion):
     ratio_keys = (
         ("kd_agree", "kd_tokens", "kd_top1_agree"),
         ("gate_sum", "gate_count", "gate_mean"),
+        ("tok_loss", "tok_tokens", "tok_loss"),
+        ("sent_loss", "sent_tokens", "sent_loss"),
+        ("sent_nll", "sent_tokens", "sent_nll"),
     )
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
-
-        def total(key):
-            return sum(log.get(key, 0) for log in logging_outputs)
-
-        per_token = (("tok_loss", "tok_tokens"), ("sent_loss", "sent_tokens"), ("sent_nll", "sent_tokens"))
-        for key, count_key in per_token:
-            count = total(count_key)
-            if count > 0 and any(key in log for log in logging_outputs):
-                metrics.log_scalar(key, total(key) / count, count, round=4)
-        count = total("gate_count")
-        if count > 0:
-            mean = total("gate_sum") / count
-            variance = max(float(total("gate_sq_sum")) / count - mean * mean, 0.0)
-            metrics.log_scalar("gate_std", math.sqrt(variance), count, round=4)
-        ntokens = total("ntokens")
-        if total("sent_tokens") > 0:
-            metrics.log_scalar("sent_len_ratio", total("sent_tokens") / ntokens, ntokens, round=4)
-        if any("gate_obj" in log for log in logging_outputs):
-            metrics.log_scalar("gate_obj", total("gate_obj") / ntokens, ntokens, round=4)
+        hybrid_gate.reduce_gate_metrics(logging_outputs)

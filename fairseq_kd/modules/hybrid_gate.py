@@ -45,6 +45,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from fairseq.logging import metrics
 from torch import Tensor, nn
 
 from fairseq_kd import losses
@@ -252,3 +253,39 @@ def learned_mixture(
     )
     values = values[sent_mask] if kind == "token" else values.reshape(-1)
     return hybrid, objective, values
+
+
+def mixture(gate: Optional[HybridGate], fixed_gate: Optional[float], token_pos, token_mask, sent_pos, sent_mask,
+            encoder_out, hyp_features, eps: float, vocab_size: Optional[int], prior: float, prior_weight: float):
+    """``(gated loss, J or None, G of every unit)`` for a fixed (``gate`` None) or a learned gate."""
+    if gate is None:
+        return fixed_mixture(token_pos, sent_pos, fixed_gate), None, torch.tensor([fixed_gate])
+    return learned_mixture(
+        gate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features, eps, vocab_size, prior,
+        prior_weight,
+    )
+
+
+def gate_statistics(gate_values: Tensor) -> Dict:
+    """Summable logging values of G: ``gate_sum``, ``gate_sq_sum``, ``gate_count``."""
+    gate_values = gate_values.detach().double()
+    return dict(
+        gate_sum=gate_values.sum().item(), gate_sq_sum=gate_values.pow(2).sum().item(), gate_count=gate_values.numel()
+    )
+
+
+def reduce_gate_metrics(logging_outputs) -> None:
+    """``gate_std``, ``sent_len_ratio`` and ``gate_obj`` from the summed logging outputs."""
+    def total(key):
+        return sum(log.get(key, 0) for log in logging_outputs)
+
+    count = total("gate_count")
+    if count > 0:
+        mean = total("gate_sum") / count
+        variance = max(float(total("gate_sq_sum")) / count - mean * mean, 0.0)
+        metrics.log_scalar("gate_std", math.sqrt(variance), count, round=4)
+    ntokens = total("ntokens")
+    if total("sent_tokens") > 0:
+        metrics.log_scalar("sent_len_ratio", total("sent_tokens") / ntokens, ntokens, round=4)
+    if any("gate_obj" in log for log in logging_outputs):
+        metrics.log_scalar("gate_obj", total("gate_obj") / ntokens, ntokens, round=4)
