@@ -45,7 +45,7 @@ class MixedSourceDataset(FairseqDataset):
 
     ``source_only`` is a ``LanguagePairDataset`` whose target is None (the
     prefixes are generated during training) or the offline labels.  With
-    labels, an example whose label is empty (EOS only: ``decoding.py merge
+    labels, an example whose label is empty (EOS only: ``fairseq-kd-decode merge
     --on-degenerate drop``) is left out of training.  Without labels the
     batching length of a source-only example is its source length: the
     generated prefix is not known yet, and a translation is about as long as

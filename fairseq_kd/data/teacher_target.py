@@ -70,7 +70,7 @@ def load_teacher_target(
         raise DistillationError(
             f"teacher target {prefix}.bin has {len(dataset)} lines but the gold data {gold}.bin has "
             f"{num_examples}: the teacher targets must translate the same {split} split line by line; "
-            f"re-run decoding.py merge and binarize on it"
+            f"re-run fairseq-kd-decode merge and binarize on it"
         )
     return dataset
 
