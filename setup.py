@@ -37,8 +37,8 @@ setup(
         "console_scripts": [
             "fairseq-kd-prepare = fairseq_kd.prepare:main",
             "fairseq-kd-prepare-unlabeled = fairseq_kd.unlabeled:main",
-            "fairseq-kd-wmt = fairseq_kd.wmt:main",
-            "fairseq-kd-decode = fairseq_kd.decoding:main",
+            "fairseq-kd-wmt = fairseq_kd.wmt.cli:main",
+            "fairseq-kd-decode = fairseq_kd.decoding.cli:main",
             "fairseq-kd-score = fairseq_kd.scoring:main",
             "fairseq-kd-average-checkpoints = fairseq_kd.checkpoints:main_average",
         ],
