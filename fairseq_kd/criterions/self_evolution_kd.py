@@ -129,7 +129,8 @@ class SelfEvolutionKDCriterion(KDCriterion):
         kd_loss = terms.kd_loss if terms is not None else None
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         if terms is not None:
-            logging_output["sekd_hard"] = terms.n_hard.item()
-            logging_output["sekd_difficulty"] = terms.difficulty_sum.item()
-            logging_output["sekd_ratio"] = terms.ratio_sum.item()
+            # tensors, summed by reduce_metrics: no device sync per step
+            logging_output["sekd_hard"] = terms.n_hard.detach()
+            logging_output["sekd_difficulty"] = terms.difficulty_sum.detach()
+            logging_output["sekd_ratio"] = terms.ratio_sum.detach()
         return loss, self.sample_size(sample), logging_output

@@ -81,6 +81,7 @@ class SeqKDCriterion(KDCriterion):
             teacher_lprobs,
             teacher_target,
             self.padding_idx,
+            teacher_normalized=True,
             **self.kd_loss_options,
         )
         ntokens = sample["teacher_ntokens"]
