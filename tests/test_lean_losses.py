@@ -169,3 +169,108 @@ def test_spec_vectors_still_hold_with_chunks(tiny_chunks):
     tiny_chunks(1, 10)
     assert losses.kl_divergence(student, teacher, target, sv.PAD).item() == pytest.approx(sv.WORD_KD_KL_TAU_1, rel=1e-6)
     assert losses.tie_kd_kl(student, teacher, target, sv.PAD).item() == pytest.approx(sv.TIE_KD_KL_EPS, rel=1e-6)
+
+
+# -- agreement statistics: tensors, no device sync -----------------------------------
+
+
+def test_agreement_counts_are_tensors_and_sum():
+    from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
+    from tests import toy
+
+    task = toy.make_task()
+    model, teacher = toy.make_model(task, seed=0), toy.make_teacher(task, seeds=(1,))
+    criterion = WordKDCriterion(task, WordKDConfig(sentence_avg=False))
+    logs = []
+    for seed in (0, 1):
+        sample = toy.make_sample(task, batch_size=4, seed=seed)
+        _, _, log = criterion(model, sample, teacher=teacher)
+        assert torch.is_tensor(log["kd_agree"]) and torch.is_tensor(log["kd_tokens"])
+        student = model(**sample["net_input"])[0]
+        t = teacher(sample["net_input"])
+        assert log["kd_agree"].item() == losses.top1_agreement(student, t, sample["target"], task.target_dictionary.pad()).item()
+        assert log["kd_tokens"].item() == sample["ntokens"]
+        logs.append(log)
+    assert criterion.logging_outputs_can_be_summed()
+    total = sum(log["kd_agree"] for log in logs)
+    assert total.item() == logs[0]["kd_agree"].item() + logs[1]["kd_agree"].item()
+
+
+# -- incremental greedy teacher translation --------------------------------------------
+
+
+@torch.no_grad()
+def quadratic_greedy_reference(teacher, net_input, pad, eos, max_len_a, max_len_b, max_positions):
+    """The former algorithm: the whole prefix re-decoded at every step."""
+    from fairseq_kd.teacher.greedy import shift_right
+
+    src_tokens = net_input["src_tokens"]
+    encoder_outs = teacher.forward_encoder(net_input)
+    src_len = (src_tokens.ne(pad) & src_tokens.ne(eos)).sum(dim=1)
+    budget = torch.floor(max_len_a * src_len.double() + max_len_b).long().clamp(0, max(max_positions - 1, 0))
+    bsz, steps = src_tokens.size(0), int(budget.max()) + 1
+    tokens = src_tokens.new_full((bsz, steps + 1), pad)
+    tokens[:, 0] = eos
+    finished = torch.zeros(bsz, dtype=torch.bool)
+    for step in range(steps):
+        lprobs = teacher.forward_decoder(tokens[:, : step + 1], encoder_outs)
+        scores = lprobs[:, -1, :].clone()
+        scores[:, pad] = -math.inf
+        if step == 0:
+            scores[:, eos] = -math.inf
+        chosen = torch.where(budget.le(step), torch.full_like(budget, eos), scores.argmax(dim=-1))
+        tokens[:, step + 1] = chosen.masked_fill(finished, pad)
+        finished |= tokens[:, step + 1].eq(eos)
+        if bool(finished.all()):
+            break
+    target = tokens[:, 1 : step + 2].contiguous()
+    return target, shift_right(target, pad, eos), lprobs
+
+
+def real_batches(prepared, n_batches=3):
+    from fairseq_kd.tasks.distillation_translation import DistillationTranslationConfig, DistillationTranslationTask
+
+    cfg = DistillationTranslationConfig(
+        data=prepared.bin, source_lang=prepared.src, target_lang=prepared.tgt, dataset_impl="mmap",
+        required_seq_len_multiple=1,
+    )
+    task = DistillationTranslationTask.setup_task(cfg)
+    task.load_dataset("valid")
+    itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=20, seed=1).next_epoch_itr(shuffle=False)
+    return task, [batch for _, batch in zip(range(n_batches), itr)]
+
+
+@pytest.mark.parametrize("max_len", [(1.2, 10), (0.0, 3)])
+def test_incremental_greedy_equals_quadratic_reference_on_a_trained_teacher(prepared, teacher_ckpt, max_len):
+    from fairseq_kd.teacher import greedy_teacher_translation, load_teacher
+
+    task, batches = real_batches(prepared)
+    teacher = load_teacher([teacher_ckpt], task)
+    d = task.target_dictionary
+    a, b = max_len
+    for sample in batches:
+        hyp = greedy_teacher_translation(teacher, sample["net_input"], d.pad(), d.eos(), a, b, 1024)
+        target, prev, last_lprobs = quadratic_greedy_reference(
+            teacher, sample["net_input"], d.pad(), d.eos(), a, b, 1024
+        )
+        assert torch.equal(hyp["target"], target)
+        assert torch.equal(hyp["prev_output_tokens"], prev)
+        assert hyp["ntokens"] == int(target.ne(d.pad()).sum())
+        valid = target.ne(d.pad())
+        torch.testing.assert_close(hyp["teacher_lprobs"][valid], last_lprobs[valid], rtol=1e-5, atol=1e-5)
+    # some rows end on their own: the trained teacher does emit EOS
+    assert (hyp["target"].ne(d.pad()).sum(1) < hyp["target"].size(1)).any() or a == 0.0
+
+
+def test_incremental_greedy_equals_reference_for_an_ensemble():
+    from fairseq_kd.teacher import greedy_teacher_translation
+    from tests import toy
+
+    task = toy.make_task()
+    d = task.target_dictionary
+    teacher = toy.make_teacher(task, seeds=(1, 2))
+    sample = toy.make_sample(task, batch_size=5, seed=2)
+    hyp = greedy_teacher_translation(teacher, sample["net_input"], d.pad(), d.eos(), 1.0, 4, 64)
+    target, prev, _ = quadratic_greedy_reference(teacher, sample["net_input"], d.pad(), d.eos(), 1.0, 4, 64)
+    assert torch.equal(hyp["target"], target) and torch.equal(hyp["prev_output_tokens"], prev)
+    torch.testing.assert_close(hyp["teacher_lprobs"], teacher(sample["net_input"], prev))
