@@ -274,3 +274,118 @@ def test_incremental_greedy_equals_reference_for_an_ensemble():
     target, prev, _ = quadratic_greedy_reference(teacher, sample["net_input"], d.pad(), d.eos(), 1.0, 4, 64)
     assert torch.equal(hyp["target"], target) and torch.equal(hyp["prev_output_tokens"], prev)
     torch.testing.assert_close(hyp["teacher_lprobs"], teacher(sample["net_input"], prev))
+
+
+# -- gradients built in the teacher's storage ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind, eps", [("kl", 0.0), ("floored", 1e-6)])
+@pytest.mark.parametrize("use_rows", [False, True])
+def test_gradient_in_the_teachers_storage_equals_the_allocated_one(kind, eps, use_rows, tiny_chunks):
+    student, teacher, target = batch(dtype=torch.float32)
+    tiny_chunks(2, student.size(-1))
+    mask = target.ne(PAD)
+    rows = mask.reshape(-1).nonzero().squeeze(1)[::2] if use_rows else None
+    grads = []
+    for overwrite in (False, True):
+        s = student.clone().requires_grad_(True)
+        t = F.log_softmax(teacher, -1)
+        value = common.pair_divergence(t, F.log_softmax(s, -1), mask, kind, eps, rows=rows, overwrite_p=overwrite)
+        weights = torch.arange(value.numel(), dtype=value.dtype).view_as(value) + 1.0
+        (value * weights).sum().backward(retain_graph=True)
+        grads.append((value.detach(), s.grad.clone()))
+        if overwrite:
+            assert not torch.equal(t, F.log_softmax(teacher, -1))  # the storage was reused
+            with pytest.raises(RuntimeError, match="inplace"):
+                (value * weights).sum().backward()  # a second backward is refused, not wrong
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-7)
+
+
+# -- TIE-KD, Self-Evolution KD, Selective KD pieces ------------------------------------------
+
+
+def test_ranking_from_log_probs_equals_ranking_from_probs():
+    student, teacher, _ = batch(v=13)
+    s = F.log_softmax(student, -1).requires_grad_(True)
+    t = F.log_softmax(teacher, -1)
+    lean_rank = losses.ranking.hierarchical_ranking_from_log_probs(s, t, 4)
+    lean_rank.sum().backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = losses.hierarchical_ranking_from_probs(s2.exp(), t.exp(), 4)
+    ref.sum().backward()
+    torch.testing.assert_close(lean_rank, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_tie_kd_terms_match_the_full_size_formulas(tiny_chunks):
+    student, teacher, target = batch(v=13)
+    tiny_chunks(1, 13)
+    mask = target.ne(PAD)
+    for eps in (0.0, 1e-6):
+        s = student.clone().requires_grad_(True)
+        kl, rank = losses.tie_kd_terms(s, teacher, target, PAD, topk=3, log_epsilon=eps)
+        (kl + rank).backward()
+        s2 = student.clone().requires_grad_(True)
+        ls, lt = F.log_softmax(s2, -1), F.log_softmax(teacher, -1)
+        ref_kl_sum = (ref_floored(ls, lt, mask, eps) if eps else ref_kl(lt, ls, mask)).sum()
+        ref_rank = losses.hierarchical_ranking_from_probs(ls.exp(), lt.exp(), 3).masked_fill(~mask, 0).sum()
+        (ref_kl_sum + ref_rank).backward()
+        assert kl.item() == pytest.approx(ref_kl_sum.item(), rel=1e-12)
+        assert rank.item() == pytest.approx(ref_rank.item(), rel=1e-12)
+        torch.testing.assert_close(s.grad, s2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gt_weight", [0.0, 0.3, 0.5, 1.0])
+def test_sekd_difficulty_equals_the_kl_to_the_prior(gt_weight):
+    student, teacher, target = batch(v=9)
+    ls, lt = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+    mask = target.ne(PAD)
+    prior = losses.gold_teacher_log_mixture(lt, target, gt_weight)
+    expected = ref_kl(prior, ls, mask).clamp_min(0.0)
+    kl = losses.kl_from_log_probs(ls, lt, mask)
+    got = losses.self_evolution.sekd_difficulty(kl, ls, lt, target, mask, gt_weight)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("prior_side, divergence", [("student", "fkl"), ("student", "rkl"), ("target", "fkl"), ("target", "rkl")])
+def test_sekd_mixed_rows_only_equals_every_row(prior_side, divergence, tiny_chunks):
+    """The proxy built on the hard positions only equals stage 2 over every position."""
+    student, teacher, target = batch(v=9)
+    tiny_chunks(1, 9)
+    opts = dict(gt_weight=0.5, hard_criterion="ratio", hard_ratio=0.5, lam=0.4, divergence=divergence,
+                prior_side=prior_side)
+    s = student.clone().requires_grad_(True)
+    terms = losses.self_evolution_kd(s, teacher, target, PAD, **opts)
+    terms.kd_loss.backward()
+    s2 = student.clone().requires_grad_(True)
+    ls, lt = F.log_softmax(s2, -1), F.log_softmax(teacher, -1)
+    mask = target.ne(PAD)
+    prior = losses.gold_teacher_log_mixture(lt, target, 0.5)
+    d = ref_kl(prior, ls.detach(), mask).clamp_min(0.0)
+    hard = losses.sekd_hard_mask(d, mask, "ratio", hard_ratio=0.5)
+    ratio = losses.sekd_ratios(d, hard, 0.4)
+    assert 0 < hard.sum() < mask.sum()
+    full = losses.sekd_divergence(ls, lt, target, ratio, mask, 0.5, divergence, prior_side).sum()
+    full.backward()
+    assert terms.kd_loss.item() == pytest.approx(full.item(), rel=1e-12)
+    assert torch.equal(terms.n_hard, hard.sum())
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_selected_rows_kl_equals_masked_kl(tiny_chunks):
+    student, teacher, target = batch(dtype=torch.float32)
+    tiny_chunks(2, student.size(-1))
+    mask = target.ne(PAD)
+    selected = mask & (torch.arange(mask.numel()).view_as(mask) % 3 == 0)
+    rows = selected.reshape(-1).nonzero().squeeze(1)
+    s1 = F.log_softmax(student.clone().requires_grad_(True), -1)
+    s1.retain_grad()
+    lean_kl = common.pair_divergence(F.log_softmax(teacher, -1), s1, selected, rows=rows, overwrite_p=True)
+    lean_kl.sum().backward()
+    s2 = F.log_softmax(student.clone().requires_grad_(True), -1)
+    s2.retain_grad()
+    ref = ref_kl(F.log_softmax(teacher, -1), s2, selected)
+    ref.sum().backward()
+    torch.testing.assert_close(lean_kl, ref)
+    torch.testing.assert_close(s1.grad, s2.grad)

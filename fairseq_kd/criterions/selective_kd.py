@@ -99,7 +99,7 @@ class SelectiveKDCriterion(KDCriterion):
         # the KL on the selected positions only (KL(p_t || p_s), chunked)
         kd_loss = common.pair_divergence(
             common.teacher_log_probs(teacher_lprobs, self.temperature, normalized=True), student_lprobs,
-            selected, rows=selected.reshape(-1).nonzero().squeeze(1),
+            selected, rows=selected.reshape(-1).nonzero().squeeze(1), overwrite_p=True,
         ).sum()
         loss = loss + self.alpha * self.temperature_factor * kd_loss
         logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum())

@@ -120,7 +120,7 @@ class TieKDCriterion(KDCriterion):
             if n == 1:
                 ls_loss, nll_loss = losses.nll_from_log_probs(student_lprobs, target, pad, self.eps)
             kl, rank = losses.tie_kd_terms(
-                student_logits, teacher_lprobs, target, pad, topk=self.topk, ranking=self.ranking,
+                student_logits, teacher_lprobs, target, pad, topk=self.topk, ranking=self.ranking, release_teacher=True,
                 log_epsilon=self.log_epsilon, student_lprobs=student_lprobs, teacher_normalized=True,
             )
             kl_sums.append(kl)

@@ -130,8 +130,8 @@ def _xlogy_ratio(p_log: Tensor, q_log: Tensor) -> Tensor:
 
 # -- chunked per-position reductions ------------------------------------------------
 
-#: elements of one chunk of ``[positions, V]`` temporaries (float32: 16 MiB)
-CHUNK_ELEMENTS = 1 << 22
+#: elements of one chunk of ``[positions, V]`` temporaries (float32: 4 MiB)
+CHUNK_ELEMENTS = 1 << 20
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -194,7 +194,7 @@ class _PairDivergence(torch.autograd.Function):
     outside ``mask`` (or outside the index ``rows``).  Saves only its inputs."""
 
     @staticmethod
-    def forward(ctx, log_p, log_q, mask, rows, kind, log_epsilon, chunk):
+    def forward(ctx, log_p, log_q, mask, rows, kind, log_epsilon, chunk, overwrite_p=False):
         out = log_p.new_zeros(log_p.size(0))
         with torch.no_grad():
             for sel in _chunks(log_p.size(0), chunk, rows):
@@ -202,18 +202,21 @@ class _PairDivergence(torch.autograd.Function):
         if mask is not None:
             out.masked_fill_(~mask, 0.0)
         ctx.save_for_backward(log_p, log_q, mask, rows)
-        ctx.options = (kind, log_epsilon, chunk)
+        ctx.options = (kind, log_epsilon, chunk, overwrite_p)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         log_p, log_q, mask, rows = ctx.saved_tensors
-        kind, log_epsilon, chunk = ctx.options
+        kind, log_epsilon, chunk, overwrite_p = ctx.options
         need_p, need_q = ctx.needs_input_grad[:2]
-        grad_p = torch.zeros_like(log_p) if need_p else None
-        grad_q = torch.zeros_like(log_q) if need_q else None
         if mask is not None:
             grad_out = grad_out.masked_fill(~mask, 0.0)
+        if overwrite_p and need_q and not need_p and kind in ("kl", "floored"):
+            grad_q = _grad_q_into_p(kind, log_p, log_q, mask, rows, log_epsilon, chunk, grad_out)
+            return None, grad_q, None, None, None, None, None, None
+        grad_p = torch.zeros_like(log_p) if need_p else None
+        grad_q = torch.zeros_like(log_q) if need_q else None
         for sel in _chunks(log_p.size(0), chunk, rows):
             gp, gq = _pair_grads(kind, log_p[sel], log_q[sel], log_epsilon, grad_out[sel].unsqueeze(-1), need_p, need_q)
             if mask is not None:
@@ -224,7 +227,27 @@ class _PairDivergence(torch.autograd.Function):
                 grad_p[sel] = gp
             if need_q:
                 grad_q[sel] = gq
-        return grad_p, grad_q, None, None, None, None, None
+        return grad_p, grad_q, None, None, None, None, None, None
+
+
+def _grad_q_into_p(kind, log_p, log_q, mask, rows, log_epsilon, chunk, grad_out):
+    """The gradient w.r.t. ``log_q`` built in place of ``log_p`` (``-p * g``, or
+    ``-p * q / (q + eps) * g`` for the floored form): no new ``[N, V]`` tensor."""
+    for sel in _chunks(log_p.size(0), chunk, rows):
+        block = log_p[sel]  # a view for slices, a chunk-sized copy for an index
+        grad = block.exp_().mul_(grad_out[sel].unsqueeze(-1)).neg_()
+        if kind == "floored":
+            q = log_q[sel].exp()
+            grad.mul_(q.div_(q + log_epsilon))
+        if mask is not None:
+            grad.masked_fill_(~mask[sel].unsqueeze(-1), 0.0)
+        if rows is not None:
+            log_p[sel] = grad
+    if rows is not None:
+        keep = torch.zeros(log_p.size(0), dtype=torch.bool, device=log_p.device)
+        keep[rows] = True
+        log_p.masked_fill_(~keep.unsqueeze(-1), 0.0)
+    return log_p
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -233,7 +256,7 @@ def _flat(x: Tensor) -> Tensor:
 
 def pair_divergence(
     log_p: Tensor, log_q: Tensor, mask: Tensor, kind: str = "kl", log_epsilon: float = 0.0,
-    rows: Optional[Tensor] = None,
+    rows: Optional[Tensor] = None, overwrite_p: bool = False,
 ) -> Tensor:
     """Per-position divergence ``[B, T]`` (zero where ``mask`` is False) of two
     ``[B, T, V]`` log-distributions, in chunks of positions:
@@ -246,13 +269,19 @@ def pair_divergence(
     ``mask``) restricts the work to those positions.  Values and gradients are
     those of the same expression under autograd, to float32 rounding; the
     gradient is built chunk by chunk in backward, so only the inputs are kept.
+
+    ``overwrite_p`` (for a ``log_p`` without gradient that nothing reads after
+    backward: the live teacher's log-probabilities) builds the gradient w.r.t.
+    ``log_q`` in ``log_p``'s own storage, so backward allocates no
+    full-size tensor at all; ``log_p`` then holds that gradient, and a second
+    backward through the graph raises torch's in-place modification error.
     """
     if kind not in ("kl", "kl_finite", "floored"):
         raise ValueError(f"unknown pair divergence {kind!r}")
     flat_mask = mask.reshape(-1)
     out = _PairDivergence.apply(
         _flat(log_p), _flat(log_q), None if rows is not None else flat_mask, rows, kind, log_epsilon,
-        chunk_rows(log_p.size(-1)),
+        chunk_rows(log_p.size(-1)), overwrite_p,
     )
     return out.view(mask.shape)
 

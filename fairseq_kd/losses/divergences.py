@@ -36,13 +36,15 @@ DIVERGENCES = ("kl", "rkl", "skl", "srkl")
 
 
 def kl_from_log_probs(
-    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, release_teacher: bool = False
 ) -> Tensor:
     """Per-position ``KL(p_t || p_s)`` (``[B, T]``, zero where ``mask`` is False).
 
     ``0 * log 0 = 0``: a teacher that puts exactly zero mass on a token (-inf
-    log-probability) does not turn the sum into NaN."""
-    return pair_divergence(teacher_lprobs, student_lprobs, mask, "kl")
+    log-probability) does not turn the sum into NaN.  ``release_teacher``: the
+    (gradient-free) teacher tensor is not read after backward, which then builds
+    the student's gradient in its storage (see :func:`pair_divergence`)."""
+    return pair_divergence(teacher_lprobs, student_lprobs, mask, "kl", overwrite_p=release_teacher)
 
 
 def kl_divergence(
@@ -78,6 +80,7 @@ def word_kd_loss(
     divergence: str = "kl",
     skew_lambda: float = 0.1,
     teacher_normalized: bool = False,
+    release_teacher: bool = False,
 ):
     """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * D(p_t^tau, p_s^tau)``.
 
@@ -88,7 +91,8 @@ def word_kd_loss(
     The student's log-softmax is computed once and shared by both terms when
     ``tau == 1``; ``teacher_normalized`` says ``teacher_logits`` already are
     normalised log-probabilities (the live teacher's output), which are then
-    used as they are at ``tau == 1``.  Returns ``(loss, nll_loss, kd_loss)`` sums;
+    used as they are at ``tau == 1``; ``release_teacher`` lets backward reuse
+    their storage (forward KL; see :func:`kl_from_log_probs`).  Returns ``(loss, nll_loss, kd_loss)`` sums;
     ``kd_loss`` is the unscaled divergence sum (``None`` without a teacher, in
     which case ``loss`` is the plain LS-NLL).
     """
@@ -103,7 +107,7 @@ def word_kd_loss(
         student_soft = log_probs(student_logits, temperature)
     kd_loss = divergence_from_log_probs(
         student_soft, teacher_log_probs(teacher_logits, temperature, teacher_normalized), mask, divergence,
-        skew_lambda,
+        skew_lambda, release_teacher,
     ).sum()
     scale = temperature**2 if temperature_scale else 1.0
     loss = (1.0 - alpha) * ls_loss + alpha * scale * kd_loss
@@ -143,11 +147,13 @@ def skew_kl_from_log_probs(
 
 
 def divergence_from_log_probs(
-    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1,
+    release_teacher: bool = False,
 ) -> Tensor:
-    """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`)."""
+    """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`);
+    ``release_teacher`` is that of :func:`kl_from_log_probs` (used by ``kl`` only)."""
     if divergence == "kl":
-        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
     if divergence == "rkl":
         return reverse_kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
     if divergence in ("skl", "srkl"):

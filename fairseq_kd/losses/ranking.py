@@ -35,12 +35,13 @@ def floored_kl_from_probs(
 
 
 def floored_kl_from_log_probs(
-    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, log_epsilon: float
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, log_epsilon: float, release_teacher: bool = False
 ) -> Tensor:
     """:func:`floored_kl_from_probs` of ``exp(student_lprobs)`` and ``exp(teacher_lprobs)``,
     chunked: the same values and gradients (to float32 rounding) without the
-    full-size ``p + eps`` tensors and their logarithms."""
-    return pair_divergence(teacher_lprobs, student_lprobs, mask, "floored", log_epsilon)
+    full-size ``p + eps`` tensors and their logarithms (``release_teacher``: see
+    :func:`~fairseq_kd.losses.divergences.kl_from_log_probs`)."""
+    return pair_divergence(teacher_lprobs, student_lprobs, mask, "floored", log_epsilon, overwrite_p=release_teacher)
 
 
 def tie_kd_kl(
@@ -154,13 +155,16 @@ def tie_kd_terms(
     log_epsilon: float = TIE_KD_LOG_EPSILON,
     student_lprobs: Optional[Tensor] = None,
     teacher_normalized: bool = False,
+    release_teacher: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """One TIE-KD iteration: ``(kl_sum, rank_sum)`` over the non-pad positions,
     sharing the log-softmaxes between both terms.  ``rank_sum`` is ``None`` when
     ``ranking`` is False; ``log_epsilon`` is that of :func:`tie_kd_kl`.
     ``student_lprobs`` passes an already computed ``log_probs(student_logits)``
     (the gold pass's, shared with the LS-NLL); ``teacher_normalized`` says
-    ``teacher_logits`` are normalised log-probabilities, used as they are."""
+    ``teacher_logits`` are normalised log-probabilities, used as they are;
+    ``release_teacher`` lets backward reuse their storage (the ranking, computed
+    here, is the only other reader)."""
     if log_epsilon < 0:
         raise ValueError(f"log_epsilon must be >= 0, got {log_epsilon}")
     mask = non_pad_mask(target, padding_idx)
@@ -168,9 +172,9 @@ def tie_kd_terms(
         student_lprobs = log_probs(student_logits)
     teacher_lprobs = teacher_log_probs(teacher_logits, normalized=teacher_normalized)
     if log_epsilon == 0.0:
-        kl = kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+        kl = kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
     else:
-        kl = floored_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, log_epsilon)
+        kl = floored_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, log_epsilon, release_teacher)
     if not ranking:
         return kl.sum(), None
     rank = hierarchical_ranking_from_log_probs(student_lprobs, teacher_lprobs, topk)

@@ -207,7 +207,9 @@ def token_level(
     mask = target.ne(pad)
     if student_lprobs is None:
         student_lprobs = losses.log_probs(student_logits, temperature)
-    kl = losses.kl_from_log_probs(student_lprobs, common.teacher_log_probs(teacher_lprobs, temperature, True), mask)
+    teacher_soft = common.teacher_log_probs(teacher_lprobs, temperature, True)
+    # backward builds the student's gradient in the teacher's storage: read it before backward only
+    kl = losses.kl_from_log_probs(student_lprobs, teacher_soft, mask, release_teacher=True)
     return kl, mask, teacher_lprobs
 
 
