@@ -389,3 +389,43 @@ def test_selected_rows_kl_equals_masked_kl(tiny_chunks):
     ref.sum().backward()
     torch.testing.assert_close(lean_kl, ref)
     torch.testing.assert_close(s1.grad, s2.grad)
+
+
+# -- whole criterions: chunked == unchunked ------------------------------------------------
+
+
+def _criterion_run(criterion, model, sample, teacher):
+    model.zero_grad()
+    loss, _, log = criterion(model, sample, teacher=teacher)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, log
+
+
+@pytest.mark.parametrize("name", ["word_kd", "word_kd_skl", "tie_kd", "self_evolution_kd", "selective_kd"])
+def test_criterions_chunked_equal_unchunked(name, monkeypatch):
+    from fairseq_kd.criterions.selective_kd import SelectiveKDConfig, SelectiveKDCriterion
+    from fairseq_kd.criterions.self_evolution_kd import SelfEvolutionKDConfig, SelfEvolutionKDCriterion
+    from fairseq_kd.criterions.tie_kd import TieKDConfig, TieKDCriterion
+    from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
+    from tests import toy
+
+    task = toy.make_task()
+    model, teacher = toy.make_model(task, seed=0), toy.make_teacher(task, seeds=(1,))
+    sample = toy.make_sample(task, batch_size=4, seed=3)
+    make = {
+        "word_kd": lambda: WordKDCriterion(task, WordKDConfig(sentence_avg=False)),
+        "word_kd_skl": lambda: WordKDCriterion(task, WordKDConfig(sentence_avg=False, kd_divergence="skl")),
+        "tie_kd": lambda: TieKDCriterion(task, TieKDConfig(sentence_avg=False)),
+        "self_evolution_kd": lambda: SelfEvolutionKDCriterion(task, SelfEvolutionKDConfig(sentence_avg=False)),
+        "selective_kd": lambda: SelectiveKDCriterion(task, SelectiveKDConfig(sentence_avg=False)),
+    }[name]
+    vocab = len(task.target_dictionary)
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 10**9)
+    whole = _criterion_run(make(), model, sample, teacher)
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 3 * vocab)
+    chunked = _criterion_run(make(), model, sample, teacher)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    assert chunked[1].keys() == whole[1].keys() and whole[1]
+    for key in whole[1]:
+        torch.testing.assert_close(chunked[1][key], whole[1][key], rtol=1e-5, atol=1e-7)
+    assert torch.equal(chunked[2]["kd_agree"], whole[2]["kd_agree"])
