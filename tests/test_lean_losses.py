@@ -429,3 +429,22 @@ def test_criterions_chunked_equal_unchunked(name, monkeypatch):
     for key in whole[1]:
         torch.testing.assert_close(chunked[1][key], whole[1][key], rtol=1e-5, atol=1e-7)
     assert torch.equal(chunked[2]["kd_agree"], whole[2]["kd_agree"])
+
+
+@pytest.mark.parametrize("lam_mode", [("const", 0.4), ("linear", 0.5)])
+def test_sekd_gradient_in_the_teachers_storage_equals_the_allocated_one(lam_mode, tiny_chunks):
+    student, teacher, target = batch(v=9)
+    tiny_chunks(2, 9)
+    opts = dict(gt_weight=0.5, hard_criterion="ratio", hard_ratio=0.5, lambda_mode=lam_mode[0], lam=lam_mode[1])
+    results = []
+    for release in (False, True):
+        s = student.clone().requires_grad_(True)
+        t = F.log_softmax(teacher, -1)
+        loss, _, terms = losses.self_evolution_kd_loss(
+            s, t, target, PAD, 0.1, 0.5, teacher_normalized=True, release_teacher=release, **opts
+        )
+        loss.backward()
+        results.append((loss.detach(), terms, s.grad))
+    assert results[1][1].n_hard > 0
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-10, atol=1e-12)

@@ -21,15 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fairseq_kd.losses.common import (
-    _xlogy_ratio,
-    chunked_rows,
-    log_probs,
-    nll_from_log_probs,
-    non_pad_mask,
-    pair_divergence,
-    teacher_log_probs,
-)
+from fairseq_kd.losses.common import _chunks, _pair_rows, _xlogy_ratio, chunk_rows, chunked_rows, log_probs
+from fairseq_kd.losses.common import nll_from_log_probs, non_pad_mask, pair_divergence, teacher_log_probs
 from fairseq_kd.losses.divergences import kl_from_log_probs
 
 
@@ -203,6 +196,45 @@ def _sekd_rows(gt_weight: float, divergence: str, prior_side: str):
     return rows
 
 
+class _ProxyKL(torch.autograd.Function):
+    """Default reading, ``KL(p_t || q_t)`` per row of ``[N, V]`` inputs: the plain KL
+    where ``lambda_t = 0`` and the proxy of ``rows_fn`` on the sorted ``rows``.
+    Backward builds the student's gradient chunk by chunk in the teacher's storage."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, ratio, mask, rows, rows_fn, chunk):
+        n = student.size(0)
+        out = student.new_zeros(n)
+        for sel in _chunks(n, chunk, None):
+            out[sel] = _pair_rows("kl", teacher[sel], student[sel], 0.0)
+        for idx in _chunks(n, chunk, rows):
+            out[idx] = rows_fn(student[idx], teacher[idx], target[idx], ratio[idx])
+        out.masked_fill_(~mask, 0.0)
+        starts = torch.tensor(list(range(0, n, chunk)) + [n], device=rows.device)
+        ctx.bounds = torch.searchsorted(rows, starts).tolist()
+        ctx.rows_fn, ctx.chunk = rows_fn, chunk
+        ctx.save_for_backward(student, teacher, target, ratio, mask, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, target, ratio, mask, rows = ctx.saved_tensors
+        grad_out = grad_out.masked_fill(~mask, 0.0)
+        for k, sel in enumerate(_chunks(student.size(0), ctx.chunk, None)):
+            idx = rows[ctx.bounds[k]:ctx.bounds[k + 1]]
+            if idx.numel() > 0:  # the proxy rows of this chunk, before their teacher rows are overwritten
+                inputs = student[idx].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    values = ctx.rows_fn(inputs, teacher[idx], target[idx], ratio[idx])
+                (proxy_grad,) = torch.autograd.grad(values, inputs, grad_out[idx])
+            block = teacher[sel]
+            block.exp_().mul_(grad_out[sel].unsqueeze(-1)).neg_()  # d KL(p_t || p_s) / d log p_s
+            block.masked_fill_(~mask[sel].unsqueeze(-1), 0.0)
+            if idx.numel() > 0:
+                teacher[idx] = proxy_grad
+        return teacher, None, None, None, None, None, None, None
+
+
 @torch.no_grad()
 def sekd_difficulty(
     kl_teacher_student: Tensor, student_lprobs: Tensor, teacher_lprobs: Tensor, target: Tensor, mask: Tensor,
@@ -255,6 +287,7 @@ def self_evolution_kd(
     temperature: float = 1.0,
     student_lprobs: Optional[Tensor] = None,
     teacher_normalized: bool = False,
+    release_teacher: bool = False,
 ) -> SEKDTerms:
     """Self-Evolution KD term (reconstruction of methods.md 3.1) and its statistics.
 
@@ -285,7 +318,9 @@ def self_evolution_kd(
     ``student_lprobs`` may pass an already computed ``log_probs(student_logits,
     temperature)`` to avoid a second softmax; ``teacher_normalized`` says
     ``teacher_logits`` are normalised log-probabilities (used as they are at
-    ``tau = 1``).  The statistics are tensors (no device sync).  Returns sums over the non-pad
+    ``tau = 1``); ``release_teacher`` lets backward build the student's gradient in
+    their storage (default reading; nothing may read them after backward).  The
+    statistics are tensors (no device sync).  Returns sums over the non-pad
     positions; with every ``lambda_t = 0`` (``lam = 0``, ``hard_ratio = 0`` or a
     threshold above every difficulty) ``kd_loss`` equals
     :func:`kl_divergence` (``fkl``) bit for bit.
@@ -297,7 +332,8 @@ def self_evolution_kd(
     teacher_lprobs = teacher_log_probs(teacher_logits, temperature, teacher_normalized).detach()
     # KL(p_t || p_s): the plain term of the default reading (differentiable) and stage 1's input
     plain_fkl = prior_side == "student" and divergence == "fkl"
-    with torch.set_grad_enabled(torch.is_grad_enabled() and plain_fkl):
+    fused = plain_fkl and release_teacher and torch.is_grad_enabled() and student_lprobs.requires_grad
+    with torch.set_grad_enabled(torch.is_grad_enabled() and plain_fkl and not fused):
         kl = kl_from_log_probs(student_lprobs if plain_fkl else student_lprobs.detach(), teacher_lprobs, mask)
     difficulty = sekd_difficulty(kl, student_lprobs, teacher_lprobs, target, mask, gt_weight)
     with torch.no_grad():
@@ -311,7 +347,10 @@ def self_evolution_kd(
     else:  # KL(p_s || p_t) where lambda_t = 0
         plain = pair_divergence(student_lprobs, teacher_lprobs, mask & ~mixed, "kl")
     rows = mixed.reshape(-1).nonzero().squeeze(1)
-    if rows.numel() > 0:
+    if fused:
+        flat = [x.reshape(-1, *x.shape[mask.dim():]) for x in (student_lprobs, teacher_lprobs, target, ratio, mask)]
+        kd = _ProxyKL.apply(*flat, rows, rows_fn, chunk_rows(student_lprobs.size(-1))).view(mask.shape)
+    elif rows.numel() > 0:
         proxy = chunked_rows(rows_fn, (student_lprobs, teacher_lprobs, target, ratio), mask, rows=rows)
         kd = torch.where(mixed, proxy, plain)
     else:
@@ -330,6 +369,7 @@ def self_evolution_kd_loss(
     temperature_scale: bool = True,
     nll_weight: float = 0.0,
     teacher_normalized: bool = False,
+    release_teacher: bool = False,
     **sekd_options,
 ):
     """``(1 - alpha) * LS-NLL + alpha * s * L_SEKD + nll_weight * NLL``.
@@ -351,7 +391,8 @@ def self_evolution_kd_loss(
     soft = student_lprobs if temperature == 1.0 else None
     terms = self_evolution_kd(
         student_logits, teacher_logits, target, padding_idx,
-        temperature=temperature, student_lprobs=soft, teacher_normalized=teacher_normalized, **sekd_options,
+        temperature=temperature, student_lprobs=soft, teacher_normalized=teacher_normalized,
+        release_teacher=release_teacher, **sekd_options,
     )
     scale = temperature**2 if temperature_scale else 1.0
     loss = (1.0 - alpha) * ls_loss + alpha * scale * terms.kd_loss
