@@ -19,6 +19,7 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd import losses
+from fairseq_kd.losses import common
 from fairseq_kd.errors import DistillationError
 
 
@@ -87,10 +88,14 @@ class KDCriterion(FairseqCriterion):
 
     def teacher_forced_kd(self, model, sample, teacher, loss_fn, **options):
         """``loss_fn(student_logits, teacher_lprobs, target, pad, **kd_loss_options, **options)`` on the gold
-        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``."""
+        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``.
+        The teacher's output is normalised log-probabilities, so ``loss_fn`` is told not to log-softmax it again."""
         student_logits, target = self.student_forward(model, sample)
         teacher_lprobs = teacher(sample["net_input"]) if teacher is not None else None
-        result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, **self.kd_loss_options, **options)
+        result = loss_fn(
+            student_logits, teacher_lprobs, target, self.padding_idx, teacher_normalized=True,
+            **self.kd_loss_options, **options,
+        )
         return result, (student_logits, teacher_lprobs, target)
 
     def gold_forward(self, model, sample):
@@ -108,12 +113,17 @@ class KDCriterion(FairseqCriterion):
             "sample_size": self.sample_size(sample),
         }
 
-    def add_agreement(self, logging_output, student_logits, teacher_lprobs, target, key="kd"):
-        """Top-1 agreement counts, logged as ``{key}_agree`` over ``{key}_tokens``."""
-        logging_output[f"{key}_agree"] = losses.top1_agreement(
-            student_logits, teacher_lprobs, target, self.padding_idx
-        ).item()
-        logging_output[f"{key}_tokens"] = target.ne(self.padding_idx).sum().item()
+    def add_agreement(self, logging_output, student_logits, teacher_lprobs, target, key="kd", ids=None):
+        """Top-1 agreement counts, logged as ``{key}_agree`` over ``{key}_tokens``.
+
+        Both are tensors (summed and read by ``reduce_metrics`` as fairseq's own
+        criterions do), so logging forces no device sync; ``ids`` passes the
+        already computed ``(student, teacher)`` argmaxes instead of the logits."""
+        student_ids, teacher_ids = ids if ids is not None else (
+            student_logits.detach().argmax(dim=-1), teacher_lprobs.argmax(dim=-1)
+        )
+        logging_output[f"{key}_agree"] = common.agreement_from_ids(student_ids, teacher_ids, target, self.padding_idx)
+        logging_output[f"{key}_tokens"] = target.ne(self.padding_idx).sum()
 
     def kd_logging_output(self, sample, loss, nll_loss, kd_loss, student_logits, teacher_lprobs, target):
         """:meth:`base_logging_output` plus, with a teacher (``kd_loss`` not None), ``kd_loss`` and the agreement."""

@@ -16,7 +16,6 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
-from fairseq_kd import losses
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.modules import hybrid_gate
 from fairseq_kd.modules.hybrid_gate import GATES, SENT_TARGETS, TOKEN_PREFIXES, HybridGate, decode_student
@@ -101,10 +100,10 @@ class HybridGatedKDCriterion(KDCriterion):
             hyp_logits, hyp_features = decode_student(model, hyp["prev_output_tokens"], encoder_out)
 
         # gold target: the (1 - alpha) LS-NLL and the token level on gold prefixes; else logging only
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.alpha < 1 or token_on_gold)):
-            gold_logits, _ = decode_student(model, net_input["prev_output_tokens"], encoder_out)
-            gold_lprobs = losses.log_probs(gold_logits)
-            gold_ls, gold_nll = losses.nll_from_log_probs(gold_lprobs, target, pad, self.eps)
+        gold_logits, gold_lprobs, gold_ls, gold_nll = hybrid_gate.gold_terms(
+            model, net_input["prev_output_tokens"], encoder_out, target, pad, self.eps,
+            torch.is_grad_enabled() and (self.alpha < 1 or token_on_gold),
+        )
 
         logging_output = {}
         token_pos = token_mask = sent_pos = sent_mask = None
@@ -113,32 +112,23 @@ class HybridGatedKDCriterion(KDCriterion):
                 prefix, student_logits, token_target = net_input["prev_output_tokens"], gold_logits, target
             else:
                 prefix, student_logits, token_target = hyp["prev_output_tokens"], hyp_logits, hyp["target"]
-            kl, token_mask, teacher_lprobs = hybrid_gate.token_level(
+            token_pos, token_mask, token_log = hybrid_gate.token_terms(
                 teacher, teacher_encoder_out, prefix, student_logits, token_target, pad, self.temperature,
-                teacher_lprobs=None if token_on_gold else hyp["teacher_lprobs"],
+                self.temperature_factor, teacher_lprobs=None if token_on_gold else hyp["teacher_lprobs"],
                 student_lprobs=gold_lprobs if token_on_gold and self.temperature == 1.0 else None,
             )
-            token_pos = kl * self.temperature_factor
-            logging_output.update(tok_loss=kl.sum().data, tok_tokens=token_mask.sum().item())
-            self.add_agreement(logging_output, student_logits, teacher_lprobs, token_target)
+            logging_output.update(token_log)
         if self.use_sentence_level:
-            sent_pos, sent_nll, sent_mask = hybrid_gate.sentence_level(hyp_logits, hyp["target"], pad, self.eps)
-            logging_output.update(sent_loss=sent_pos.sum().data, sent_nll=sent_nll.sum().data,
-                                  sent_tokens=sent_mask.sum().item())
+            sent_pos, sent_mask, sent_log = hybrid_gate.sentence_terms(hyp_logits, hyp["target"], pad, self.eps)
+            logging_output.update(sent_log)
 
         hybrid, gate_objective, gate_values = hybrid_gate.mixture(
             self.gate, self.fixed_gate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features,
             self.eps, None if hyp_logits is None else hyp_logits.size(-1), self.cfg.gate_prior,
             self.cfg.gate_prior_weight,
         )
-        loss = self.alpha * hybrid
-        if self.alpha < 1:
-            loss = loss + (1.0 - self.alpha) * gold_ls
-        if gate_objective is not None:
-            # the gate's gradient, with value 0: ``loss`` stays the student's loss
-            loss = loss + (gate_objective - gate_objective.detach())
-            logging_output["gate_obj"] = gate_objective.data
-
+        loss, gate_log = hybrid_gate.student_loss(self.alpha, hybrid, gold_ls, gate_objective)
+        logging_output.update(gate_log)
         logging_output.update(self.base_logging_output(sample, loss, gold_nll))
         logging_output.update(hybrid_gate.gate_statistics(gate_values))
         return loss, self.sample_size(sample), logging_output

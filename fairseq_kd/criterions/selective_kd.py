@@ -29,6 +29,7 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd import losses
+from fairseq_kd.losses import common
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
 
@@ -95,10 +96,12 @@ class SelectiveKDCriterion(KDCriterion):
         history = self.push_history(difficulty[mask]) if self.global_level else None
         selected = losses.select_hard_tokens(difficulty, mask, self.cfg.selective_ratio, history)
         teacher_lprobs = teacher(sample["net_input"])
-        kd_loss = losses.kl_from_log_probs(
-            student_lprobs, losses.log_probs(teacher_lprobs, self.temperature), selected
+        # the KL on the selected positions only (KL(p_t || p_s), chunked)
+        kd_loss = common.pair_divergence(
+            common.teacher_log_probs(teacher_lprobs, self.temperature, normalized=True), student_lprobs,
+            selected, rows=selected.reshape(-1).nonzero().squeeze(1), overwrite_p=True,
         ).sum()
         loss = loss + self.alpha * self.temperature_factor * kd_loss
-        logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum().item())
+        logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum())
         self.add_agreement(logging_output, student_logits, teacher_lprobs, target)
         return loss, self.sample_size(sample), logging_output

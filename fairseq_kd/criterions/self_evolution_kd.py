@@ -124,12 +124,13 @@ class SelfEvolutionKDCriterion(KDCriterion):
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, terms), tensors = self.teacher_forced_kd(
             model, sample, teacher, losses.self_evolution_kd_loss,
-            nll_weight=self.cfg.sekd_nll_weight, **self.sekd_options,
+            nll_weight=self.cfg.sekd_nll_weight, release_teacher=True, **self.sekd_options,
         )
         kd_loss = terms.kd_loss if terms is not None else None
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         if terms is not None:
-            logging_output["sekd_hard"] = terms.n_hard.item()
-            logging_output["sekd_difficulty"] = terms.difficulty_sum.item()
-            logging_output["sekd_ratio"] = terms.ratio_sum.item()
+            # tensors, summed by reduce_metrics: no device sync per step
+            logging_output["sekd_hard"] = terms.n_hard.detach()
+            logging_output["sekd_difficulty"] = terms.difficulty_sum.detach()
+            logging_output["sekd_ratio"] = terms.ratio_sum.detach()
         return loss, self.sample_size(sample), logging_output

@@ -81,6 +81,8 @@ class SeqKDCriterion(KDCriterion):
             teacher_lprobs,
             teacher_target,
             self.padding_idx,
+            teacher_normalized=True,
+            release_teacher=True,
             **self.kd_loss_options,
         )
         ntokens = sample["teacher_ntokens"]

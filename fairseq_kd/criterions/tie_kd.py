@@ -27,7 +27,9 @@ from torch import Tensor
 from fairseq_kd import losses
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, wrapped_in_torch_ddp
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.losses import next_prefix
+from fairseq_kd.losses import next_prefix  # noqa: F401  (re-exported)
+from fairseq_kd.losses.common import agreement_from_ids
+from fairseq_kd.losses.ranking import shift_predictions
 
 
 @dataclass
@@ -85,9 +87,10 @@ class TieKDCriterion(KDCriterion):
         self.log_epsilon = 0.0 if cfg.tie_exact_kl else losses.TIE_KD_LOG_EPSILON
         self.pad_replacement = None if cfg.tie_keep_pad_predictions else task.target_dictionary.unk()
 
-    def decoding_passes(self, model, net_input, teacher) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
-        """Yield ``(prev_output_tokens, student_logits, teacher_lprobs)`` for the
-        ``N`` passes; both encoders run once."""
+    def decoding_passes(self, model, net_input, teacher, argmaxes=None) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(prev_output_tokens, student_logits, teacher_lprobs)`` for the ``N`` passes; both
+        encoders run once.  A pass's next prefix reuses the student argmax ``argmaxes[n][0]`` when the
+        caller appended the pass's ``(student, teacher)`` argmaxes to ``argmaxes``."""
         prev = net_input["prev_output_tokens"]
         if prev[:, 0].eq(self.padding_idx).any():
             raise DistillationError("tie_kd needs right-padded targets; do not pass --left-pad-target")
@@ -95,7 +98,9 @@ class TieKDCriterion(KDCriterion):
         teacher_encoder_outs = teacher.forward_encoder(net_input)
         for n in range(self.iterations):
             if n > 0:
-                prev = next_prefix(prev, student_logits, self.padding_idx, self.pad_replacement)
+                known = argmaxes is not None and len(argmaxes) >= n
+                predictions = argmaxes[n - 1][0] if known else student_logits.detach().argmax(dim=-1)
+                prev = shift_predictions(prev, predictions, self.padding_idx, self.pad_replacement)
             student_logits = model.decoder(prev, encoder_out=encoder_out)[0]
             yield prev, student_logits, teacher.forward_decoder(prev, teacher_encoder_outs)
 
@@ -107,31 +112,29 @@ class TieKDCriterion(KDCriterion):
                 "tie_kd calls the student's encoder and decoder separately, which bypasses "
                 "DistributedDataParallel's gradient sync: train with --ddp-backend legacy_ddp"
             )
-        target = sample["target"]
-        kl_sums, rank_sums, agreements = [], [], []  # agreements: per pass, logged when N > 1
-        passes = self.decoding_passes(model, sample["net_input"], teacher)
+        target, pad = sample["target"], self.padding_idx
+        kl_sums, rank_sums, argmaxes = [], [], []  # argmaxes: per pass, computed once
+        passes = self.decoding_passes(model, sample["net_input"], teacher, argmaxes)
         for n, (_, student_logits, teacher_lprobs) in enumerate(passes, start=1):
+            student_lprobs = losses.log_probs(student_logits)  # shared by the LS-NLL, the KL and the ranking
             if n == 1:
-                ls_loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
-                gold_pass = (student_logits, teacher_lprobs)
+                ls_loss, nll_loss = losses.nll_from_log_probs(student_lprobs, target, pad, self.eps)
             kl, rank = losses.tie_kd_terms(
-                student_logits, teacher_lprobs, target, self.padding_idx,
-                topk=self.topk, ranking=self.ranking, log_epsilon=self.log_epsilon,
+                student_logits, teacher_lprobs, target, pad, topk=self.topk, ranking=self.ranking, release_teacher=True,
+                log_epsilon=self.log_epsilon, student_lprobs=student_lprobs, teacher_normalized=True,
             )
             kl_sums.append(kl)
             rank_sums.append(rank)
-            if self.iterations > 1:
-                agreements.append(
-                    losses.top1_agreement(student_logits, teacher_lprobs, target, self.padding_idx).item()
-                )
+            argmaxes.append((student_logits.detach().argmax(dim=-1), teacher_lprobs.argmax(dim=-1)))
         loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, self.alpha)
 
         logging_output = self.base_logging_output(sample, loss, nll_loss)
         logging_output["kd_loss"] = kd_loss.data
         if rank_loss is not None:
             logging_output["rank_loss"] = rank_loss.data
-        self.add_agreement(logging_output, *gold_pass, target)  # kd_top1_agree: gold prefixes
-        for n, count in enumerate(agreements, start=1):
+        agreements = [agreement_from_ids(*ids, target, pad) for ids in argmaxes]  # tensors: no sync
+        logging_output.update(kd_agree=agreements[0], kd_tokens=target.ne(pad).sum())  # gold prefixes
+        for n, count in enumerate(agreements if self.iterations > 1 else [], start=1):
             logging_output[f"{self.iteration_agree_prefix}{n}"] = count
         return loss, self.sample_size(sample), logging_output
 

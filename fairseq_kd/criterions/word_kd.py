@@ -47,7 +47,7 @@ class WordKDCriterion(KDCriterion):
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
             model, sample, teacher, losses.word_kd_loss,
-            divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda,
+            divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda, release_teacher=True,
         )
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         return loss, self.sample_size(sample), logging_output

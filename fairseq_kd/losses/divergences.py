@@ -4,6 +4,12 @@ The forward KL ``KL(p_t || p_s)`` (Word-KD, mode-covering), the reverse KL
 ``KL(p_s || p_t)`` (mode-seeking) and DistiLLM's skew KL / skew reverse KL
 (Ko et al., ICML 2024), per position or summed, and :func:`word_kd_loss`, the
 LS-NLL + divergence combination of ``word_kd`` and ``seq_kd``.
+
+Every divergence is computed in chunks of target positions
+(:func:`~fairseq_kd.losses.common.pair_divergence`,
+:func:`~fairseq_kd.losses.common.chunked_rows`): beyond the student's
+log-softmax (shared with the NLL) and the teacher's log-probabilities, no
+``[B, T, V]`` tensor is held, in forward or backward, except the gradient.
 """
 
 import math
@@ -12,7 +18,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fairseq_kd.losses.common import _xlogy_ratio, log_probs, nll_from_log_probs, non_pad_mask
+from fairseq_kd.losses.common import (
+    _xlogy_ratio,
+    chunked_rows,
+    log_probs,
+    nll_from_log_probs,
+    non_pad_mask,
+    pair_divergence,
+    teacher_log_probs,
+)
 
 
 #: ``kl``: KL(p_t || p_s) (mode-covering, Word-KD); ``rkl``: KL(p_s || p_t)
@@ -22,13 +36,15 @@ DIVERGENCES = ("kl", "rkl", "skl", "srkl")
 
 
 def kl_from_log_probs(
-    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, release_teacher: bool = False
 ) -> Tensor:
     """Per-position ``KL(p_t || p_s)`` (``[B, T]``, zero where ``mask`` is False).
 
     ``0 * log 0 = 0``: a teacher that puts exactly zero mass on a token (-inf
-    log-probability) does not turn the sum into NaN."""
-    return _xlogy_ratio(teacher_lprobs, student_lprobs).masked_fill(~mask, 0.0)
+    log-probability) does not turn the sum into NaN.  ``release_teacher``: the
+    (gradient-free) teacher tensor is not read after backward, which then builds
+    the student's gradient in its storage (see :func:`pair_divergence`)."""
+    return pair_divergence(teacher_lprobs, student_lprobs, mask, "kl", overwrite_p=release_teacher)
 
 
 def kl_divergence(
@@ -63,6 +79,8 @@ def word_kd_loss(
     temperature_scale: bool = True,
     divergence: str = "kl",
     skew_lambda: float = 0.1,
+    teacher_normalized: bool = False,
+    release_teacher: bool = False,
 ):
     """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * D(p_t^tau, p_s^tau)``.
 
@@ -71,7 +89,10 @@ def word_kd_loss(
     ``s = tau^2`` when ``temperature_scale`` (Hinton et al.'s convention, which
     keeps gradient magnitudes comparable across temperatures) and 1 otherwise.
     The student's log-softmax is computed once and shared by both terms when
-    ``tau == 1``.  Returns ``(loss, nll_loss, kd_loss)`` sums;
+    ``tau == 1``; ``teacher_normalized`` says ``teacher_logits`` already are
+    normalised log-probabilities (the live teacher's output), which are then
+    used as they are at ``tau == 1``; ``release_teacher`` lets backward reuse
+    their storage (forward KL; see :func:`kl_from_log_probs`).  Returns ``(loss, nll_loss, kd_loss)`` sums;
     ``kd_loss`` is the unscaled divergence sum (``None`` without a teacher, in
     which case ``loss`` is the plain LS-NLL).
     """
@@ -85,7 +106,8 @@ def word_kd_loss(
     else:
         student_soft = log_probs(student_logits, temperature)
     kd_loss = divergence_from_log_probs(
-        student_soft, log_probs(teacher_logits, temperature), mask, divergence, skew_lambda
+        student_soft, teacher_log_probs(teacher_logits, temperature, teacher_normalized), mask, divergence,
+        skew_lambda, release_teacher,
     ).sum()
     scale = temperature**2 if temperature_scale else 1.0
     loss = (1.0 - alpha) * ls_loss + alpha * scale * kd_loss
@@ -96,10 +118,7 @@ def reverse_kl_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, ma
     """Per-position ``KL(p_s || p_t)``.  A token the teacher gives exactly zero
     probability contributes 0 instead of infinity, as DistiLLM's reference
     ``reverse_kl`` does (``masked_fill(isinf, 0)``)."""
-    p = student_lprobs.exp()
-    pointwise = p * (student_lprobs - teacher_lprobs)
-    pointwise = pointwise.masked_fill(torch.isinf(teacher_lprobs) | (p == 0), 0.0)
-    return pointwise.sum(dim=-1).masked_fill(~mask, 0.0)
+    return pair_divergence(student_lprobs, teacher_lprobs, mask, "kl_finite")
 
 
 def skew_kl_from_log_probs(
@@ -118,18 +137,23 @@ def skew_kl_from_log_probs(
         raise ValueError(f"skew lambda must be in [0, 1), got {skew_lambda}")
     anchor, other = (student_lprobs, teacher_lprobs) if reverse else (teacher_lprobs, student_lprobs)
     if skew_lambda == 0.0:
-        mixture = other
-    else:
-        mixture = torch.logaddexp(anchor + math.log(skew_lambda), other + math.log1p(-skew_lambda))
-    return _xlogy_ratio(anchor, mixture).masked_fill(~mask, 0.0)
+        return pair_divergence(anchor, other, mask, "kl")
+    log_lambda, log_rest = math.log(skew_lambda), math.log1p(-skew_lambda)
+
+    def skew_rows(anchor_rows, other_rows):
+        return _xlogy_ratio(anchor_rows, torch.logaddexp(anchor_rows + log_lambda, other_rows + log_rest))
+
+    return chunked_rows(skew_rows, (anchor, other), mask)
 
 
 def divergence_from_log_probs(
-    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1,
+    release_teacher: bool = False,
 ) -> Tensor:
-    """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`)."""
+    """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`);
+    ``release_teacher`` is that of :func:`kl_from_log_probs` (used by ``kl`` only)."""
     if divergence == "kl":
-        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
     if divergence == "rkl":
         return reverse_kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
     if divergence in ("skl", "srkl"):

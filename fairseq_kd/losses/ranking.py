@@ -2,6 +2,13 @@
 ``compute_advanced_kd_loss``): the KL with the reference's log floor, the
 hierarchical ranking loss, one iteration's terms, their combination over the
 iterations and the next iteration's decoder input.
+
+Memory: the KLs are chunked (:func:`~fairseq_kd.losses.common.pair_divergence`;
+the floored form needs no ``p + 1e-6`` tensor of either side, its chunks build
+them), and the ranking reads the top-k of the log-probabilities and
+exponentiates the ``[B, T, k]`` values it gathers, so one pass holds no
+full-vocabulary tensor beyond the student's log-softmax and the teacher's
+log-probabilities.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -9,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fairseq_kd.losses.common import log_probs, non_pad_mask, probs
+from fairseq_kd.losses.common import log_probs, non_pad_mask, pair_divergence, teacher_log_probs
 from fairseq_kd.losses.divergences import kl_from_log_probs
 
 
@@ -25,6 +32,16 @@ def floored_kl_from_probs(
     teacher_log = torch.log(teacher_probs + log_epsilon)
     student_log = torch.log(student_probs + log_epsilon)
     return (teacher_probs * (teacher_log - student_log)).sum(dim=-1).masked_fill(~mask, 0.0)
+
+
+def floored_kl_from_log_probs(
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, log_epsilon: float, release_teacher: bool = False
+) -> Tensor:
+    """:func:`floored_kl_from_probs` of ``exp(student_lprobs)`` and ``exp(teacher_lprobs)``,
+    chunked: the same values and gradients (to float32 rounding) without the
+    full-size ``p + eps`` tensors and their logarithms (``release_teacher``: see
+    :func:`~fairseq_kd.losses.divergences.kl_from_log_probs`)."""
+    return pair_divergence(teacher_lprobs, student_lprobs, mask, "floored", log_epsilon, overwrite_p=release_teacher)
 
 
 def tie_kd_kl(
@@ -56,7 +73,7 @@ def tie_kd_kl(
         return kl_from_log_probs(log_probs(student_logits), log_probs(teacher_logits), mask).sum()
     if log_epsilon < 0:
         raise ValueError(f"log_epsilon must be >= 0, got {log_epsilon}")
-    return floored_kl_from_probs(probs(student_logits), probs(teacher_logits), mask, log_epsilon).sum()
+    return floored_kl_from_log_probs(log_probs(student_logits), log_probs(teacher_logits), mask, log_epsilon).sum()
 
 
 def hierarchical_ranking_from_probs(student_probs: Tensor, teacher_probs: Tensor, topk: int) -> Tensor:
@@ -81,7 +98,27 @@ def hierarchical_ranking_from_probs(student_probs: Tensor, teacher_probs: Tensor
     student_top, student_ids = student_probs.topk(topk, dim=-1)  # p_s(s_j)      [B,T,k]
     student_at_teacher = student_probs.gather(-1, teacher_ids)  # p_s(t_i)      [B,T,k]
     teacher_at_student = teacher_probs.gather(-1, student_ids)  # p_t(s_j)      [B,T,k]
+    return _ranking_terms(teacher_top, student_top, student_at_teacher, teacher_at_student)
 
+
+def hierarchical_ranking_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, topk: int) -> Tensor:
+    """:func:`hierarchical_ranking_from_probs` of ``exp(student_lprobs)`` and
+    ``exp(teacher_lprobs)``: the top-k of the log-probabilities are those of the
+    probabilities, and only the gathered ``[B, T, k]`` values are exponentiated."""
+    vocab = student_lprobs.size(-1)
+    if not 1 <= topk <= vocab:
+        raise ValueError(f"topk must be in [1, {vocab}] (the vocabulary size), got {topk}")
+    teacher_top, teacher_ids = teacher_lprobs.topk(topk, dim=-1)
+    student_top, student_ids = student_lprobs.topk(topk, dim=-1)
+    return _ranking_terms(
+        teacher_top.exp(), student_top.exp(),
+        student_lprobs.gather(-1, teacher_ids).exp(), teacher_lprobs.gather(-1, student_ids).exp(),
+    )
+
+
+def _ranking_terms(teacher_top, student_top, student_at_teacher, teacher_at_student) -> Tensor:
+    """Both levels of the ranking loss from the ``[B, T, k]`` probabilities
+    ``p_t(t_i)``, ``p_s(s_j)``, ``p_s(t_i)``, ``p_t(s_j)``."""
     top1_level = torch.relu(student_at_teacher - student_at_teacher[..., :1]).sum(dim=-1)
 
     # [B, T, k (teacher's t_i), k (student's s_j)]
@@ -104,7 +141,7 @@ def hierarchical_ranking(
     No temperature, no margin and no weight, as in the reference code; the
     softmaxes are float32 (float64 for float64 inputs).
     """
-    per_position = hierarchical_ranking_from_probs(probs(student_logits), probs(teacher_logits), topk)
+    per_position = hierarchical_ranking_from_log_probs(log_probs(student_logits), log_probs(teacher_logits), topk)
     return per_position.masked_fill(~non_pad_mask(target, padding_idx), 0.0).sum()
 
 
@@ -116,22 +153,31 @@ def tie_kd_terms(
     topk: int = 5,
     ranking: bool = True,
     log_epsilon: float = TIE_KD_LOG_EPSILON,
+    student_lprobs: Optional[Tensor] = None,
+    teacher_normalized: bool = False,
+    release_teacher: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """One TIE-KD iteration: ``(kl_sum, rank_sum)`` over the non-pad positions,
-    sharing the softmaxes between both terms.  ``rank_sum`` is ``None`` when
-    ``ranking`` is False; ``log_epsilon`` is that of :func:`tie_kd_kl`."""
+    sharing the log-softmaxes between both terms.  ``rank_sum`` is ``None`` when
+    ``ranking`` is False; ``log_epsilon`` is that of :func:`tie_kd_kl`.
+    ``student_lprobs`` passes an already computed ``log_probs(student_logits)``
+    (the gold pass's, shared with the LS-NLL); ``teacher_normalized`` says
+    ``teacher_logits`` are normalised log-probabilities, used as they are;
+    ``release_teacher`` lets backward reuse their storage (the ranking, computed
+    here, is the only other reader)."""
     if log_epsilon < 0:
         raise ValueError(f"log_epsilon must be >= 0, got {log_epsilon}")
     mask = non_pad_mask(target, padding_idx)
-    student_lprobs, teacher_lprobs = log_probs(student_logits), log_probs(teacher_logits)
-    student_probs, teacher_probs = student_lprobs.exp(), teacher_lprobs.exp()
+    if student_lprobs is None:
+        student_lprobs = log_probs(student_logits)
+    teacher_lprobs = teacher_log_probs(teacher_logits, normalized=teacher_normalized)
     if log_epsilon == 0.0:
-        kl = kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
+        kl = kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
     else:
-        kl = floored_kl_from_probs(student_probs, teacher_probs, mask, log_epsilon)
+        kl = floored_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, log_epsilon, release_teacher)
     if not ranking:
         return kl.sum(), None
-    rank = hierarchical_ranking_from_probs(student_probs, teacher_probs, topk)
+    rank = hierarchical_ranking_from_log_probs(student_lprobs, teacher_lprobs, topk)
     return kl.sum(), rank.masked_fill(~mask, 0.0).sum()
 
 
@@ -165,7 +211,13 @@ def next_prefix(
     Predicted ``padding_idx`` ids become ``pad_replacement`` unless it is None.
     Returns a new tensor; ``prev_output_tokens`` is left untouched.
     """
-    predictions = student_logits.detach().argmax(dim=-1)
+    return shift_predictions(prev_output_tokens, student_logits.detach().argmax(dim=-1), padding_idx, pad_replacement)
+
+
+def shift_predictions(
+    prev_output_tokens: Tensor, predictions: Tensor, padding_idx: int, pad_replacement: Optional[int]
+) -> Tensor:
+    """:func:`next_prefix` from the student's already computed argmax ``predictions`` ``[B, T]``."""
     if pad_replacement is not None:
         predictions = predictions.masked_fill(predictions.eq(padding_idx), pad_replacement)
     return torch.cat([prev_output_tokens[:, :1], predictions[:, :-1]], dim=1)

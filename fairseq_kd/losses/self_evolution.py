@@ -7,6 +7,12 @@ teacher prior and picks the hard tokens and their mixing ratios
 (:func:`sekd_hard_mask`, :func:`sekd_ratios`); stage 2 is the divergence to
 the resulting proxy (:func:`sekd_divergence`); :func:`self_evolution_kd` and
 :func:`self_evolution_kd_loss` put them together.
+
+Memory: the difficulty is computed from the per-position ``KL(p_t || p_s)``
+and the gold entries alone (:func:`sekd_difficulty`, no prior tensor), and
+the prior and the proxy are built chunk by chunk on the positions whose
+mixing ratio is non-zero only (:func:`~fairseq_kd.losses.common.chunked_rows`);
+every other position gets the plain divergence.
 """
 
 import math
@@ -15,7 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fairseq_kd.losses.common import log_probs, nll_from_log_probs, non_pad_mask
+from fairseq_kd.losses.common import _chunks, _pair_rows, _xlogy_ratio, chunk_rows, chunked_rows, log_probs
+from fairseq_kd.losses.common import nll_from_log_probs, non_pad_mask, pair_divergence, teacher_log_probs
 from fairseq_kd.losses.divergences import kl_from_log_probs
 
 
@@ -164,22 +171,103 @@ def sekd_divergence(
     ``KL(p_s || q_t)`` would compare the student with a mixture of itself
     and lose that anchor.
     """
+    rows_fn = _sekd_rows(gt_weight, divergence, prior_side)
+    return chunked_rows(rows_fn, (student_lprobs, teacher_lprobs.detach(), target, ratio.detach()), mask)
+
+
+def _sekd_rows(gt_weight: float, divergence: str, prior_side: str):
+    """The per-position stage-2 term of :func:`sekd_divergence` on one chunk of
+    positions (``[n, V]`` log-probs, ``[n]`` gold ids and ratios)."""
     if divergence not in SEKD_DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; use one of {SEKD_DIVERGENCES}")
-    teacher_lprobs = teacher_lprobs.detach()
-    if prior_side == "student":
-        prior = gold_teacher_log_mixture(teacher_lprobs, target, gt_weight)
-        proxy = log_convex_mixture(student_lprobs, prior, ratio.detach())
-        if divergence == "fkl":
-            return kl_from_log_probs(proxy, teacher_lprobs, mask)
-        return kl_from_log_probs(teacher_lprobs, proxy, mask)
-    if prior_side == "target":
+    if prior_side not in SEKD_PRIOR_SIDES:
+        raise ValueError(f"unknown prior side {prior_side!r}; use one of {SEKD_PRIOR_SIDES}")
+    forward = divergence == "fkl"
+
+    def rows(student_lprobs, teacher_lprobs, target, ratio):
+        if prior_side == "student":
+            prior = gold_teacher_log_mixture(teacher_lprobs, target, gt_weight)
+            proxy = log_convex_mixture(student_lprobs, prior, ratio)
+            return _xlogy_ratio(teacher_lprobs, proxy) if forward else _xlogy_ratio(proxy, teacher_lprobs)
         gold = gold_teacher_log_mixture(teacher_lprobs, target, 1.0)
-        smoothed = log_convex_mixture(teacher_lprobs, gold, ratio.detach())
-        if divergence == "fkl":
-            return kl_from_log_probs(student_lprobs, smoothed, mask)
-        return kl_from_log_probs(smoothed, student_lprobs, mask)
-    raise ValueError(f"unknown prior side {prior_side!r}; use one of {SEKD_PRIOR_SIDES}")
+        smoothed = log_convex_mixture(teacher_lprobs, gold, ratio)
+        return _xlogy_ratio(smoothed, student_lprobs) if forward else _xlogy_ratio(student_lprobs, smoothed)
+
+    return rows
+
+
+class _ProxyKL(torch.autograd.Function):
+    """Default reading, ``KL(p_t || q_t)`` per row of ``[N, V]`` inputs: the plain KL
+    where ``lambda_t = 0`` and the proxy of ``rows_fn`` on the sorted ``rows``.
+    Backward builds the student's gradient chunk by chunk in the teacher's storage."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, ratio, mask, rows, rows_fn, chunk):
+        n = student.size(0)
+        out = student.new_zeros(n)
+        for sel in _chunks(n, chunk, None):
+            out[sel] = _pair_rows("kl", teacher[sel], student[sel], 0.0)
+        for idx in _chunks(n, chunk, rows):
+            out[idx] = rows_fn(student[idx], teacher[idx], target[idx], ratio[idx])
+        out.masked_fill_(~mask, 0.0)
+        starts = torch.tensor(list(range(0, n, chunk)) + [n], device=rows.device)
+        ctx.bounds = torch.searchsorted(rows, starts).tolist()
+        ctx.rows_fn, ctx.chunk = rows_fn, chunk
+        ctx.save_for_backward(student, teacher, target, ratio, mask, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, target, ratio, mask, rows = ctx.saved_tensors
+        grad_out = grad_out.masked_fill(~mask, 0.0)
+        for k, sel in enumerate(_chunks(student.size(0), ctx.chunk, None)):
+            idx = rows[ctx.bounds[k]:ctx.bounds[k + 1]]
+            if idx.numel() > 0:  # the proxy rows of this chunk, before their teacher rows are overwritten
+                inputs = student[idx].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    values = ctx.rows_fn(inputs, teacher[idx], target[idx], ratio[idx])
+                (proxy_grad,) = torch.autograd.grad(values, inputs, grad_out[idx])
+            block = teacher[sel]
+            block.exp_().mul_(grad_out[sel].unsqueeze(-1)).neg_()  # d KL(p_t || p_s) / d log p_s
+            block.masked_fill_(~mask[sel].unsqueeze(-1), 0.0)
+            if idx.numel() > 0:
+                teacher[idx] = proxy_grad
+        return teacher, None, None, None, None, None, None, None
+
+
+@torch.no_grad()
+def sekd_difficulty(
+    kl_teacher_student: Tensor, student_lprobs: Tensor, teacher_lprobs: Tensor, target: Tensor, mask: Tensor,
+    gt_weight: float,
+) -> Tensor:
+    """Stage 1's ``d_t = KL(r_t || sg(p_s))`` (``[B, T]``, zero on pads, clamped at 0)
+    from ``kl_teacher_student = KL(p_t || p_s)`` per position and the gold entries only.
+
+    With ``g = gt_weight``, ``r_v = (1 - g) p_t(v)`` off the gold ``y`` and
+    ``r_y = g + (1 - g) p_t(y)``, the sum over ``v != y`` is that of the
+    teacher's KL scaled by ``1 - g`` and shifted by ``log(1 - g)``::
+
+        d = (1 - g) [KL(p_t || p_s) - p_t(y) (log p_t(y) - log p_s(y)) + (1 - p_t(y)) log(1 - g)]
+            + r_y (log r_y - log p_s(y))
+
+    so the prior ``r_t`` is never built (``g = 1``: ``d = -log p_s(y)``; ``g = 0``: the KL)."""
+    if not 0.0 <= gt_weight <= 1.0:
+        raise ValueError(f"gt_weight must be in [0, 1], got {gt_weight}")
+    index = target.unsqueeze(-1)
+    student_gold = student_lprobs.detach().gather(-1, index).squeeze(-1)
+    if gt_weight == 0.0:
+        difficulty = kl_teacher_student.detach()
+    elif gt_weight == 1.0:
+        difficulty = -student_gold
+    else:
+        teacher_gold = teacher_lprobs.gather(-1, index).squeeze(-1)
+        p_gold = teacher_gold.exp()
+        log_rest = math.log1p(-gt_weight)
+        log_r_gold = torch.logaddexp(teacher_gold + log_rest, torch.full_like(teacher_gold, math.log(gt_weight)))
+        gold_term = (p_gold * (teacher_gold - student_gold)).nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        difficulty = (1.0 - gt_weight) * (kl_teacher_student.detach() - gold_term + (1.0 - p_gold) * log_rest)
+        difficulty = difficulty + log_r_gold.exp() * (log_r_gold - student_gold)
+    return difficulty.masked_fill(~mask, 0.0).clamp_min(0.0)
 
 
 def self_evolution_kd(
@@ -198,6 +286,8 @@ def self_evolution_kd(
     prior_side: str = "student",
     temperature: float = 1.0,
     student_lprobs: Optional[Tensor] = None,
+    teacher_normalized: bool = False,
+    release_teacher: bool = False,
 ) -> SEKDTerms:
     """Self-Evolution KD term (reconstruction of methods.md 3.1) and its statistics.
 
@@ -226,23 +316,45 @@ def self_evolution_kd(
     tokens (``hard_criterion='all'``) are the spec's alternatives 1-3.
 
     ``student_lprobs`` may pass an already computed ``log_probs(student_logits,
-    temperature)`` to avoid a second softmax.  Returns sums over the non-pad
+    temperature)`` to avoid a second softmax; ``teacher_normalized`` says
+    ``teacher_logits`` are normalised log-probabilities (used as they are at
+    ``tau = 1``); ``release_teacher`` lets backward build the student's gradient in
+    their storage (default reading; nothing may read them after backward).  The
+    statistics are tensors (no device sync).  Returns sums over the non-pad
     positions; with every ``lambda_t = 0`` (``lam = 0``, ``hard_ratio = 0`` or a
     threshold above every difficulty) ``kd_loss`` equals
     :func:`kl_divergence` (``fkl``) bit for bit.
     """
+    rows_fn = _sekd_rows(gt_weight, divergence, prior_side)
     mask = non_pad_mask(target, padding_idx)
     if student_lprobs is None:
         student_lprobs = log_probs(student_logits, temperature)
-    teacher_lprobs = log_probs(teacher_logits, temperature).detach()
+    teacher_lprobs = teacher_log_probs(teacher_logits, temperature, teacher_normalized).detach()
+    # KL(p_t || p_s): the plain term of the default reading (differentiable) and stage 1's input
+    plain_fkl = prior_side == "student" and divergence == "fkl"
+    fused = plain_fkl and release_teacher and torch.is_grad_enabled() and student_lprobs.requires_grad
+    with torch.set_grad_enabled(torch.is_grad_enabled() and plain_fkl and not fused):
+        kl = kl_from_log_probs(student_lprobs if plain_fkl else student_lprobs.detach(), teacher_lprobs, mask)
+    difficulty = sekd_difficulty(kl, student_lprobs, teacher_lprobs, target, mask, gt_weight)
     with torch.no_grad():
-        prior = gold_teacher_log_mixture(teacher_lprobs, target, gt_weight)
-        difficulty = kl_from_log_probs(student_lprobs.detach(), prior, mask).clamp_min(0.0)
         hard = sekd_hard_mask(difficulty, mask, hard_criterion, threshold, hard_ratio)
         ratio = sekd_ratios(difficulty, hard, lam, lambda_mode, lambda_max)
-    kd = sekd_divergence(
-        student_lprobs, teacher_lprobs, target, ratio, mask, gt_weight, divergence, prior_side
-    )
+    mixed = ratio > 0
+    if plain_fkl:
+        plain = kl
+    elif divergence == "fkl":  # target side, KL(p_t || p_s) where lambda_t = 0
+        plain = pair_divergence(teacher_lprobs, student_lprobs, mask & ~mixed, "kl")
+    else:  # KL(p_s || p_t) where lambda_t = 0
+        plain = pair_divergence(student_lprobs, teacher_lprobs, mask & ~mixed, "kl")
+    rows = mixed.reshape(-1).nonzero().squeeze(1)
+    if fused:
+        flat = [x.reshape(-1, *x.shape[mask.dim():]) for x in (student_lprobs, teacher_lprobs, target, ratio, mask)]
+        kd = _ProxyKL.apply(*flat, rows, rows_fn, chunk_rows(student_lprobs.size(-1))).view(mask.shape)
+    elif rows.numel() > 0:
+        proxy = chunked_rows(rows_fn, (student_lprobs, teacher_lprobs, target, ratio), mask, rows=rows)
+        kd = torch.where(mixed, proxy, plain)
+    else:
+        kd = plain
     return SEKDTerms(kd.sum(), hard.sum(), difficulty.sum(), ratio.sum())
 
 
@@ -256,6 +368,8 @@ def self_evolution_kd_loss(
     temperature: float = 1.0,
     temperature_scale: bool = True,
     nll_weight: float = 0.0,
+    teacher_normalized: bool = False,
+    release_teacher: bool = False,
     **sekd_options,
 ):
     """``(1 - alpha) * LS-NLL + alpha * s * L_SEKD + nll_weight * NLL``.
@@ -277,7 +391,8 @@ def self_evolution_kd_loss(
     soft = student_lprobs if temperature == 1.0 else None
     terms = self_evolution_kd(
         student_logits, teacher_logits, target, padding_idx,
-        temperature=temperature, student_lprobs=soft, **sekd_options,
+        temperature=temperature, student_lprobs=soft, teacher_normalized=teacher_normalized,
+        release_teacher=release_teacher, **sekd_options,
     )
     scale = temperature**2 if temperature_scale else 1.0
     loss = (1.0 - alpha) * ls_loss + alpha * scale * terms.kd_loss

@@ -49,6 +49,7 @@ from fairseq.logging import metrics
 from torch import Tensor, nn
 
 from fairseq_kd import losses
+from fairseq_kd.losses import common
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right
 
@@ -144,6 +145,15 @@ def decode_student(model, prev_output_tokens: Tensor, encoder_out):
     return model.decoder.output_layer(features), features
 
 
+def gold_terms(model, prev_output_tokens: Tensor, encoder_out, target: Tensor, pad: int, eps: float, grad: bool):
+    """``(logits, log-probs, LS-NLL, NLL)`` of the student on the gold prefixes (with
+    gradients only when ``grad``): one log-softmax for the NLL and the token level."""
+    with torch.set_grad_enabled(grad):
+        logits, _ = decode_student(model, prev_output_tokens, encoder_out)
+        lprobs = losses.log_probs(logits)
+        return (logits, lprobs) + tuple(losses.nll_from_log_probs(lprobs, target, pad, eps))
+
+
 def pooled_encoder_states(encoder_out) -> Tensor:
     """Mean of the encoder states over the non-pad source positions, ``[B, C]``."""
     if not isinstance(encoder_out, dict) or "encoder_out" not in encoder_out:
@@ -190,14 +200,30 @@ def token_level(
 ):
     """``(KL(p_t^tau || p_s^tau) per position [B, T], its mask, the teacher's log-probs)`` on
     ``prefix``; the teacher is decoded unless ``teacher_lprobs`` are given, the student's
-    tempered log-probs are computed unless ``student_lprobs`` are given."""
+    tempered log-probs are computed unless ``student_lprobs`` are given.  The teacher's
+    log-probabilities are normalised already: they are softened only at ``tau != 1``."""
     if teacher_lprobs is None:
         teacher_lprobs = teacher.forward_decoder(prefix, teacher_encoder_out)
     mask = target.ne(pad)
     if student_lprobs is None:
         student_lprobs = losses.log_probs(student_logits, temperature)
-    kl = losses.kl_from_log_probs(student_lprobs, losses.log_probs(teacher_lprobs, temperature), mask)
+    teacher_soft = common.teacher_log_probs(teacher_lprobs, temperature, True)
+    # backward builds the student's gradient in the teacher's storage: read it before backward only
+    kl = losses.kl_from_log_probs(student_lprobs, teacher_soft, mask, release_teacher=True)
     return kl, mask, teacher_lprobs
+
+
+def token_terms(teacher, teacher_encoder_out, prefix, student_logits, target, pad, temperature, temperature_factor,
+                teacher_lprobs=None, student_lprobs=None):
+    """``(L_tok per position [B, T], its mask, logging values)``: :func:`token_level` scaled by
+    ``temperature_factor``, with ``tok_loss``, ``tok_tokens`` and the top-1 agreement
+    (``kd_agree``, ``kd_tokens``: tensors, no device sync)."""
+    kl, mask, teacher_lprobs = token_level(
+        teacher, teacher_encoder_out, prefix, student_logits, target, pad, temperature, teacher_lprobs, student_lprobs,
+    )
+    agree = common.agreement_from_ids(student_logits.detach().argmax(-1), teacher_lprobs.argmax(-1), target, pad)
+    log = dict(tok_loss=kl.sum().data, tok_tokens=mask.sum().item(), kd_agree=agree, kd_tokens=mask.sum())
+    return kl * temperature_factor, mask, log
 
 
 def sentence_level(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
@@ -205,6 +231,23 @@ def sentence_level(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
     mask = target.ne(pad)
     ls, nll = losses.label_smoothed_nll_per_position(losses.log_probs(hyp_logits), target, pad, eps)
     return ls, nll, mask
+
+
+def sentence_terms(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
+    """``(L_sent per position [B, T], its mask, logging values sent_loss, sent_nll, sent_tokens)``."""
+    ls, nll, mask = sentence_level(hyp_logits, target, pad, eps)
+    return ls, mask, dict(sent_loss=ls.sum().data, sent_nll=nll.sum().data, sent_tokens=mask.sum().item())
+
+
+def student_loss(alpha: float, hybrid: Tensor, gold_ls: Tensor, gate_objective: Optional[Tensor]):
+    """``(alpha * hybrid + (1 - alpha) * LS-NLL(gold) [+ J - sg(J)], logging values)``: a learned
+    gate's objective adds its gradient with value 0, so the loss stays the student's."""
+    loss = alpha * hybrid
+    if alpha < 1:
+        loss = loss + (1.0 - alpha) * gold_ls
+    if gate_objective is None:
+        return loss, {}
+    return loss + (gate_objective - gate_objective.detach()), {"gate_obj": gate_objective.data}
 
 
 # -- the mixtures ---------------------------------------------------------------
