@@ -6,10 +6,19 @@ never stores it, so the teacher is not saved, wrapped or cast with the
 student.  During validation ``teacher`` is ``None`` and every criterion
 reports the plain label-smoothed NLL of the gold target, so validation losses
 compare directly with a student trained without KD.
+
+With ``--teacher-cache`` the task passes a
+:class:`~fairseq_kd.cache.dataset.CachedTeacher` instead: :meth:`KDCriterion.teacher_distribution`
+returns the teacher's distribution on the gold prefixes in either form (the
+live ``[B, T, V]`` log-probabilities, or the cached
+:class:`~fairseq_kd.cache.dataset.TopKTeacher`), and each criterion calls the
+loss that fits the form (:mod:`fairseq_kd.losses.topk` for the cached one).
+A criterion that accepts the cache overrides :meth:`KDCriterion.teacher_cache_error`.
 """
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from fairseq import utils
@@ -19,6 +28,7 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd import losses
+from fairseq_kd.cache.dataset import CachedTeacher, TopKTeacher
 from fairseq_kd.errors import DistillationError
 
 
@@ -85,13 +95,34 @@ class KDCriterion(FairseqCriterion):
         net_output = model(**sample["net_input"])
         return net_output[0], model.get_targets(sample, net_output)
 
-    def teacher_forced_kd(self, model, sample, teacher, loss_fn, **options):
+    def teacher_forced_kd(self, model, sample, teacher, loss_fn, topk_loss_fn=None, **options):
         """``loss_fn(student_logits, teacher_lprobs, target, pad, **kd_loss_options, **options)`` on the gold
-        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``."""
+        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``;
+        with a cached teacher ``topk_loss_fn(student_logits, ids, topk_lprobs, target, pad, ...)`` instead."""
         student_logits, target = self.student_forward(model, sample)
-        teacher_lprobs = teacher(sample["net_input"]) if teacher is not None else None
-        result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, **self.kd_loss_options, **options)
+        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        if isinstance(teacher_lprobs, TopKTeacher):
+            result = topk_loss_fn(student_logits, *teacher_lprobs, target, self.padding_idx,
+                                  **self.kd_loss_options, **options)
+        else:
+            result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, **self.kd_loss_options, **options)
         return result, (student_logits, teacher_lprobs, target)
+
+    # -- the two teacher forms ---------------------------------------------------
+
+    @staticmethod
+    def teacher_distribution(sample, teacher):
+        """The teacher's distribution on ``sample``'s gold prefixes: ``[B, T, V]`` log-probabilities of a
+        live teacher, the batch's :class:`TopKTeacher` with a cached one, None without a teacher."""
+        if teacher is None:
+            return None
+        if isinstance(teacher, CachedTeacher):
+            return teacher.topk(sample)
+        return teacher(sample["net_input"])
+
+    def teacher_cache_error(self, manifest) -> Optional[str]:
+        """Why this criterion cannot train from the teacher cache of ``manifest`` (None: it can)."""
+        return f"criterion {self.__class__.__name__} needs the live teacher; pass --teacher-path instead"
 
     def gold_forward(self, model, sample):
         """Validation: the label-smoothed NLL of the gold target."""
@@ -110,6 +141,11 @@ class KDCriterion(FairseqCriterion):
 
     def add_agreement(self, logging_output, student_logits, teacher_lprobs, target, key="kd"):
         """Top-1 agreement counts, logged as ``{key}_agree`` over ``{key}_tokens``."""
+        if isinstance(teacher_lprobs, TopKTeacher):  # the cached teacher's argmax is its first id
+            logging_output[f"{key}_agree"] = losses.topk_agreement(student_logits, teacher_lprobs.ids, target,
+                                                                    self.padding_idx).detach()
+            logging_output[f"{key}_tokens"] = target.ne(self.padding_idx).sum().detach()
+            return
         logging_output[f"{key}_agree"] = losses.top1_agreement(
             student_logits, teacher_lprobs, target, self.padding_idx
         ).item()

@@ -29,6 +29,7 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd import losses
+from fairseq_kd.cache.dataset import TopKTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
 
@@ -81,6 +82,9 @@ class SelectiveKDCriterion(KDCriterion):
         self.history = history[-self.cfg.selective_queue_size:]
         return self.history
 
+    def teacher_cache_error(self, manifest):
+        return None  # the selected tokens' KL is taken on the teacher's top-k + tail buckets
+
     def forward(self, model, sample, reduce=True, teacher=None):
         student_logits, target = self.student_forward(model, sample)
         lprobs = losses.log_probs(student_logits)  # one log-softmax for the NLL and the difficulty
@@ -94,10 +98,13 @@ class SelectiveKDCriterion(KDCriterion):
         difficulty = -lprobs.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
         history = self.push_history(difficulty[mask]) if self.global_level else None
         selected = losses.select_hard_tokens(difficulty, mask, self.cfg.selective_ratio, history)
-        teacher_lprobs = teacher(sample["net_input"])
-        kd_loss = losses.kl_from_log_probs(
-            student_lprobs, losses.log_probs(teacher_lprobs, self.temperature), selected
-        ).sum()
+        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        if isinstance(teacher_lprobs, TopKTeacher):
+            kd_loss = losses.topk_divergence(student_lprobs, *teacher_lprobs, selected).sum()
+        else:
+            kd_loss = losses.kl_from_log_probs(
+                student_lprobs, losses.log_probs(teacher_lprobs, self.temperature), selected
+            ).sum()
         loss = loss + self.alpha * self.temperature_factor * kd_loss
         logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum().item())
         self.add_agreement(logging_output, student_logits, teacher_lprobs, target)

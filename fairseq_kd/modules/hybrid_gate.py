@@ -196,6 +196,8 @@ def token_level(
     mask = target.ne(pad)
     if student_lprobs is None:
         student_lprobs = losses.log_probs(student_logits, temperature)
+    if isinstance(teacher_lprobs, tuple):  # a cached (ids, lprobs) top-k: the KL on its k + tail buckets
+        return losses.topk_divergence(student_lprobs, *teacher_lprobs, mask), mask, teacher_lprobs
     kl = losses.kl_from_log_probs(student_lprobs, losses.log_probs(teacher_lprobs, temperature), mask)
     return kl, mask, teacher_lprobs
 
