@@ -21,6 +21,7 @@ to a criterion in place of a live teacher; :class:`TopKTeacher` is the
 ``(ids, lprobs)`` pair a criterion gets from it.
 """
 
+import logging
 import os
 from typing import Dict, NamedTuple
 
@@ -31,6 +32,8 @@ from torch import Tensor
 
 from fairseq_kd.cache.manifest import missing_shards, read_manifest, shard_dir, shard_range
 from fairseq_kd.errors import DistillationError
+
+logger = logging.getLogger("fairseq_kd.cache")
 
 IDS_KEY, LPROBS_KEY = "teacher_topk_ids", "teacher_topk_lprobs"
 
@@ -101,6 +104,26 @@ class TeacherCache:
             torch.from_numpy(ids[j].astype(np.int64)).view(-1, self.k),
             torch.from_numpy(values[j].copy()).view(-1, self.k),
         )
+
+
+def load_teacher_cache(cache_dir: str, dataset, split: str, pad: int) -> "TeacherCacheDataset":
+    """``dataset`` (the training split) wrapped with the cache of ``cache_dir``, after checking that the
+    cache has one row per target token of every example."""
+    cache = TeacherCache(cache_dir)
+    if len(cache) != len(dataset):
+        raise DistillationError(
+            f"teacher cache {cache_dir} holds {len(cache)} examples, the {split} split {len(dataset)}: "
+            f"build the cache on this split"
+        )
+    gold = getattr(_language_pair(dataset), "tgt_sizes", None)
+    if gold is not None and not np.array_equal(np.asarray(gold), cache.sizes):
+        i = int(np.flatnonzero(np.asarray(gold) != cache.sizes)[0])
+        raise DistillationError(
+            f"teacher cache {cache_dir}: example {i} has {cache.sizes[i]} cached positions but {gold[i]} "
+            f"target tokens in the {split} split; the cache was built on other data"
+        )
+    logger.info("%s: teacher cache %s (k=%d)", split, cache_dir, cache.k)
+    return TeacherCacheDataset(dataset, cache, pad)
 
 
 def _language_pair(dataset):

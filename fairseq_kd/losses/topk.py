@@ -19,10 +19,12 @@ a flat teacher (large tail) still tells the student how much mass to leave
 outside the top-k; renormalising would push the student to put all its mass on
 the ``k`` ids (an over-confident target) and cannot express the reverse KL or
 skew divergences, which need the teacher's density where the student puts
-mass.  Grouping outcomes never increases an f-divergence, so each bucketed KL
-is a lower bound of the full one, equal to it when the tail is empty, and its
-gradient on the top-k logits is the full gradient's restricted to the
-partition.  Self-Evolution's gold one-hot is projected in the same way: the
+mass.  Grouping outcomes never increases an f-divergence, so each bucketed
+divergence is a lower bound of the full one, equal to it when the tail is
+empty.  For the forward KL the gradient on the student's logits is exactly the
+full one, ``p_s(v) - p_t(v)``, at the teacher's top-k tokens, and
+``p_s(v) * (1 - tail_t / tail_s)`` on a tail token: the teacher's tail mass is
+spread like the student's own tail.  Self-Evolution's gold one-hot is projected in the same way: the
 gold token's bucket is its position among the ids, or the tail
 (:func:`bucket_target`).
 

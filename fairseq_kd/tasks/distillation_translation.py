@@ -40,7 +40,7 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_kd.cache.dataset import CachedTeacher, TeacherCache, TeacherCacheDataset
+from fairseq_kd.cache.dataset import CachedTeacher, load_teacher_cache
 from fairseq_kd.cache.manifest import check_manifest, dictionary_digests, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
@@ -115,14 +115,7 @@ class DistillationTranslationTask(TranslationTask):
                 len(teacher_target),
             )
         if self.cfg.teacher_cache and split == self.cfg.train_subset:
-            cache = TeacherCache(self.cfg.teacher_cache)
-            if len(cache) != len(self.datasets[split]):
-                raise DistillationError(
-                    f"teacher cache {self.cfg.teacher_cache} holds {len(cache)} examples, the {split} split "
-                    f"{len(self.datasets[split])}: build the cache on this split"
-                )
-            self.datasets[split] = TeacherCacheDataset(self.datasets[split], cache, self.tgt_dict.pad())
-            logger.info("%s: teacher cache %s (k=%d)", split, self.cfg.teacher_cache, cache.k)
+            self.datasets[split] = load_teacher_cache(self.cfg.teacher_cache, self.datasets[split], split, self.tgt_dict.pad())
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg)
