@@ -276,9 +276,14 @@ def test_build_refuses_another_teacher_or_k(prepared, teacher_ckpt, cache8, tmp_
     manifest = os.path.join(cache8, "manifest.json")
     _one_line_error(build(prepared, other, cache8, "--num-shards", "3", "--max-tokens", "300", check=False),
                     manifest, "teacher checkpoint")
-    _one_line_error(build(prepared, teacher_ckpt, cache8, "--num-shards", "3", "--k", "4", check=False),
-                    manifest, "k is 8 in the cache, 4 here")
-    _one_line_error(build(prepared, teacher_ckpt, cache8, "--num-shards", "2", check=False), manifest, "num_shards")
+    from fairseq_kd.cache.build import build_cache
+
+    with pytest.raises(DistillationError, match=re.escape(manifest) + ".*k is 8 in the cache, 4 here"):
+        build_cache(prepared.bin, "train", teacher_ckpt, cache8, k=4, num_shards=3)
+    with pytest.raises(DistillationError, match="num_shards is 3 in the cache, 2 here"):
+        build_cache(prepared.bin, "train", teacher_ckpt, cache8, k=8, num_shards=2)
+    with pytest.raises(DistillationError, match="temperature is 1.0 in the cache, 2.0 here"):
+        build_cache(prepared.bin, "train", teacher_ckpt, cache8, k=8, num_shards=3, temperature=2.0)
 
 
 def _task_check(data, cache, criterion_cls=WordKDCriterion, config_cls=WordKDConfig, **criterion_cfg):
