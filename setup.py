@@ -41,6 +41,7 @@ setup(
             "fairseq-kd-decode = fairseq_kd.decoding.cli:main",
             "fairseq-kd-score = fairseq_kd.scoring:main",
             "fairseq-kd-average-checkpoints = fairseq_kd.checkpoints:main_average",
+            "fairseq-kd-build-cache = fairseq_kd.cache.cli:main",
         ],
     },
     classifiers=[

@@ -6,10 +6,19 @@ never stores it, so the teacher is not saved, wrapped or cast with the
 student.  During validation ``teacher`` is ``None`` and every criterion
 reports the plain label-smoothed NLL of the gold target, so validation losses
 compare directly with a student trained without KD.
+
+With ``--teacher-cache`` the task passes a
+:class:`~fairseq_kd.cache.dataset.CachedTeacher` instead: :meth:`KDCriterion.teacher_distribution`
+returns the teacher's distribution on the gold prefixes in either form (the
+live ``[B, T, V]`` log-probabilities, or the cached
+:class:`~fairseq_kd.cache.dataset.TopKTeacher`), and each criterion calls the
+loss that fits the form (:mod:`fairseq_kd.losses.topk` for the cached one).
+A criterion that accepts the cache overrides :meth:`KDCriterion.teacher_cache_error`.
 """
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from fairseq import utils
@@ -20,6 +29,7 @@ from omegaconf import II
 
 from fairseq_kd import losses
 from fairseq_kd.losses import common
+from fairseq_kd.cache.dataset import CachedTeacher, TopKTeacher
 from fairseq_kd.errors import DistillationError
 
 
@@ -86,17 +96,37 @@ class KDCriterion(FairseqCriterion):
         net_output = model(**sample["net_input"])
         return net_output[0], model.get_targets(sample, net_output)
 
-    def teacher_forced_kd(self, model, sample, teacher, loss_fn, **options):
+    def teacher_forced_kd(self, model, sample, teacher, loss_fn, topk_loss_fn=None, **options):
         """``loss_fn(student_logits, teacher_lprobs, target, pad, **kd_loss_options, **options)`` on the gold
-        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``.
-        The teacher's output is normalised log-probabilities, so ``loss_fn`` is told not to log-softmax it again."""
+        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``;
+        with a cached teacher ``topk_loss_fn(student_logits, ids, topk_lprobs, target, pad, ...)`` instead.
+        A live teacher's output is normalised log-probabilities, so ``loss_fn`` is told not to log-softmax it again."""
         student_logits, target = self.student_forward(model, sample)
-        teacher_lprobs = teacher(sample["net_input"]) if teacher is not None else None
-        result = loss_fn(
-            student_logits, teacher_lprobs, target, self.padding_idx, teacher_normalized=True,
-            **self.kd_loss_options, **options,
-        )
+        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        if isinstance(teacher_lprobs, TopKTeacher):
+            options.pop("release_teacher", None)  # the cache's [B, T, k] tensors are small
+            result = topk_loss_fn(student_logits, *teacher_lprobs, target, self.padding_idx,
+                                  **self.kd_loss_options, **options)
+        else:
+            result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, teacher_normalized=True,
+                             **self.kd_loss_options, **options)
         return result, (student_logits, teacher_lprobs, target)
+
+    # -- the two teacher forms ---------------------------------------------------
+
+    @staticmethod
+    def teacher_distribution(sample, teacher):
+        """The teacher's distribution on ``sample``'s gold prefixes: ``[B, T, V]`` log-probabilities of a
+        live teacher, the batch's :class:`TopKTeacher` with a cached one, None without a teacher."""
+        if teacher is None:
+            return None
+        if isinstance(teacher, CachedTeacher):
+            return teacher.topk(sample)
+        return teacher(sample["net_input"])
+
+    def teacher_cache_error(self, manifest) -> Optional[str]:
+        """Why this criterion cannot train from the teacher cache of ``manifest`` (None: it can)."""
+        return f"criterion {self.__class__.__name__} needs the live teacher; pass --teacher-path instead"
 
     def gold_forward(self, model, sample):
         """Validation: the label-smoothed NLL of the gold target."""
@@ -118,10 +148,15 @@ class KDCriterion(FairseqCriterion):
 
         Both are tensors (summed and read by ``reduce_metrics`` as fairseq's own
         criterions do), so logging forces no device sync; ``ids`` passes the
-        already computed ``(student, teacher)`` argmaxes instead of the logits."""
-        student_ids, teacher_ids = ids if ids is not None else (
-            student_logits.detach().argmax(dim=-1), teacher_lprobs.argmax(dim=-1)
-        )
+        already computed ``(student, teacher)`` argmaxes instead of the logits.
+        A cached teacher's argmax is its first top-k id."""
+        if ids is None:
+            if isinstance(teacher_lprobs, TopKTeacher):
+                teacher_ids = teacher_lprobs.ids[..., 0]
+            else:
+                teacher_ids = teacher_lprobs.argmax(dim=-1)
+            ids = (student_logits.detach().argmax(dim=-1), teacher_ids)
+        student_ids, teacher_ids = ids
         logging_output[f"{key}_agree"] = common.agreement_from_ids(student_ids, teacher_ids, target, self.padding_idx)
         logging_output[f"{key}_tokens"] = target.ne(self.padding_idx).sum()
 

@@ -16,6 +16,7 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
+from fairseq_kd.cache.dataset import CachedTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.modules import hybrid_gate
 from fairseq_kd.modules.hybrid_gate import GATES, SENT_TARGETS, TOKEN_PREFIXES, HybridGate, decode_student
@@ -86,6 +87,14 @@ class HybridGatedKDCriterion(KDCriterion):
             hybrid_gate.check_gate_state(self.state_dict(), state_dict, self.gate_kind)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def teacher_cache_error(self, manifest):
+        if self.use_token_level and self.token_prefix != "gold":
+            return "the token level on teacher prefixes needs the live teacher: use --hybrid-token-prefix gold"
+        if self.use_sentence_level and self.sent_target != "offline":
+            return ("the online greedy sentence targets need the live teacher: use --hybrid-sent-target "
+                    "offline (with --teacher-target-subset) or --gate fixed --gate-fixed-value 1")
+        return None
+
     def forward(self, model, sample, reduce=True, teacher=None):
         if teacher is None:  # validation
             return self.gold_forward(model, sample)
@@ -93,7 +102,8 @@ class HybridGatedKDCriterion(KDCriterion):
         net_input, target, pad = sample["net_input"], sample["target"], self.padding_idx
         token_on_gold = self.use_token_level and self.token_prefix == "gold"
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-        teacher_encoder_out = teacher.forward_encoder(net_input)
+        cached = isinstance(teacher, CachedTeacher)  # then the token level is on gold prefixes only
+        teacher_encoder_out = None if cached else teacher.forward_encoder(net_input)
         hyp = hyp_logits = hyp_features = None
         if self.use_sentence_level or self.token_prefix == "teacher":
             hyp = hybrid_gate.sentence_target(self.cfg, sample, teacher, teacher_encoder_out, model, pad, self.eos)
@@ -114,7 +124,8 @@ class HybridGatedKDCriterion(KDCriterion):
                 prefix, student_logits, token_target = hyp["prev_output_tokens"], hyp_logits, hyp["target"]
             token_pos, token_mask, token_log = hybrid_gate.token_terms(
                 teacher, teacher_encoder_out, prefix, student_logits, token_target, pad, self.temperature,
-                self.temperature_factor, teacher_lprobs=None if token_on_gold else hyp["teacher_lprobs"],
+                self.temperature_factor,
+                teacher_lprobs=(teacher.topk(sample) if cached else None) if token_on_gold else hyp["teacher_lprobs"],
                 student_lprobs=gold_lprobs if token_on_gold and self.temperature == 1.0 else None,
             )
             logging_output.update(token_log)

@@ -30,6 +30,7 @@ from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd import losses
 from fairseq_kd.losses import common
+from fairseq_kd.cache.dataset import TopKTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
 
@@ -82,6 +83,9 @@ class SelectiveKDCriterion(KDCriterion):
         self.history = history[-self.cfg.selective_queue_size:]
         return self.history
 
+    def teacher_cache_error(self, manifest):
+        return None  # the selected tokens' KL is taken on the teacher's top-k + tail buckets
+
     def forward(self, model, sample, reduce=True, teacher=None):
         student_logits, target = self.student_forward(model, sample)
         lprobs = losses.log_probs(student_logits)  # one log-softmax for the NLL and the difficulty
@@ -95,12 +99,14 @@ class SelectiveKDCriterion(KDCriterion):
         difficulty = -lprobs.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
         history = self.push_history(difficulty[mask]) if self.global_level else None
         selected = losses.select_hard_tokens(difficulty, mask, self.cfg.selective_ratio, history)
-        teacher_lprobs = teacher(sample["net_input"])
-        # the KL on the selected positions only (KL(p_t || p_s), chunked)
-        kd_loss = common.pair_divergence(
-            common.teacher_log_probs(teacher_lprobs, self.temperature, normalized=True), student_lprobs,
-            selected, rows=selected.reshape(-1).nonzero().squeeze(1), overwrite_p=True,
-        ).sum()
+        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        if isinstance(teacher_lprobs, TopKTeacher):
+            kd_loss = losses.topk_divergence(student_lprobs, *teacher_lprobs, selected).sum()
+        else:  # the KL on the selected positions only (KL(p_t || p_s), chunked)
+            kd_loss = common.pair_divergence(
+                common.teacher_log_probs(teacher_lprobs, self.temperature, normalized=True), student_lprobs,
+                selected, rows=selected.reshape(-1).nonzero().squeeze(1), overwrite_p=True,
+            ).sum()
         loss = loss + self.alpha * self.temperature_factor * kd_loss
         logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum())
         self.add_agreement(logging_output, student_logits, teacher_lprobs, target)

@@ -121,9 +121,12 @@ class SelfEvolutionKDCriterion(KDCriterion):
             prior_side=str(cfg.sekd_prior_side),
         )
 
+    def teacher_cache_error(self, manifest):
+        return None  # gold, prior and proxy are formed on the teacher's top-k + tail buckets
+
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, terms), tensors = self.teacher_forced_kd(
-            model, sample, teacher, losses.self_evolution_kd_loss,
+            model, sample, teacher, losses.self_evolution_kd_loss, losses.self_evolution_kd_topk_loss,
             nll_weight=self.cfg.sekd_nll_weight, release_teacher=True, **self.sekd_options,
         )
         kd_loss = terms.kd_loss if terms is not None else None

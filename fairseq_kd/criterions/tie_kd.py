@@ -25,6 +25,7 @@ from fairseq.logging import metrics
 from torch import Tensor
 
 from fairseq_kd import losses
+from fairseq_kd.cache.dataset import CachedTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, wrapped_in_torch_ddp
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.losses import next_prefix  # noqa: F401  (re-exported)
@@ -104,9 +105,25 @@ class TieKDCriterion(KDCriterion):
             student_logits = model.decoder(prev, encoder_out=encoder_out)[0]
             yield prev, student_logits, teacher.forward_decoder(prev, teacher_encoder_outs)
 
+    def teacher_cache_error(self, manifest):
+        if self.iterations > 1:
+            return ("tie_kd's passes after the first re-run the teacher on the student's own prefixes, which "
+                    "no cache holds: pass --teacher-path, or --tie-iterations 1")
+        if self.topk > manifest["k"]:
+            return f"--tie-topk {self.topk} exceeds the cache's k = {manifest['k']}: rebuild it with --k {self.topk}"
+        return None
+
     def forward(self, model, sample, reduce=True, teacher=None):
         if teacher is None:
             return self.gold_forward(model, sample)
+        if isinstance(teacher, CachedTeacher):  # --tie-iterations 1: the gold pass, bucketed KL, exact ranking
+            topk = teacher.topk(sample)
+            student_logits, target = self.student_forward(model, sample)
+            ls_loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
+            kl, rank = losses.tie_kd_topk_terms(student_logits, *topk, target, self.padding_idx, topk=self.topk,
+                                                ranking=self.ranking, log_epsilon=self.log_epsilon)
+            argmaxes = [(student_logits.detach().argmax(dim=-1), topk.ids[..., 0])]
+            return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], argmaxes)
         if wrapped_in_torch_ddp(model):
             raise DistillationError(
                 "tie_kd calls the student's encoder and decoder separately, which bypasses "
@@ -126,6 +143,11 @@ class TieKDCriterion(KDCriterion):
             kl_sums.append(kl)
             rank_sums.append(rank)
             argmaxes.append((student_logits.detach().argmax(dim=-1), teacher_lprobs.argmax(dim=-1)))
+        return self.finish(sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes)
+
+    def finish(self, sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes):
+        """The summed loss and the logging output; ``argmaxes``: per pass, the (student, teacher) argmaxes."""
+        pad = self.padding_idx
         loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, self.alpha)
 
         logging_output = self.base_logging_output(sample, loss, nll_loss)

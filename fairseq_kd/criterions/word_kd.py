@@ -44,9 +44,12 @@ class WordKDCriterion(KDCriterion):
         if not 0.0 <= cfg.skew_lambda < 1.0:
             raise DistillationError(f"--skew-lambda must be in [0, 1), got {cfg.skew_lambda}")
 
+    def teacher_cache_error(self, manifest):
+        return None  # every divergence is taken on the teacher's top-k + tail buckets
+
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
-            model, sample, teacher, losses.word_kd_loss,
+            model, sample, teacher, losses.word_kd_loss, losses.word_kd_topk_loss,
             divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda, release_teacher=True,
         )
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)

@@ -207,6 +207,8 @@ def token_level(
     mask = target.ne(pad)
     if student_lprobs is None:
         student_lprobs = losses.log_probs(student_logits, temperature)
+    if isinstance(teacher_lprobs, tuple):  # a cached (ids, lprobs) top-k: the KL on its k + tail buckets
+        return losses.topk_divergence(student_lprobs, *teacher_lprobs, mask), mask, teacher_lprobs
     teacher_soft = common.teacher_log_probs(teacher_lprobs, temperature, True)
     # backward builds the student's gradient in the teacher's storage: read it before backward only
     kl = losses.kl_from_log_probs(student_lprobs, teacher_soft, mask, release_teacher=True)
@@ -221,7 +223,9 @@ def token_terms(teacher, teacher_encoder_out, prefix, student_logits, target, pa
     kl, mask, teacher_lprobs = token_level(
         teacher, teacher_encoder_out, prefix, student_logits, target, pad, temperature, teacher_lprobs, student_lprobs,
     )
-    agree = common.agreement_from_ids(student_logits.detach().argmax(-1), teacher_lprobs.argmax(-1), target, pad)
+    # a cached top-k teacher's argmax is its first id
+    teacher_ids = teacher_lprobs[0][..., 0] if isinstance(teacher_lprobs, tuple) else teacher_lprobs.argmax(-1)
+    agree = common.agreement_from_ids(student_logits.detach().argmax(-1), teacher_ids, target, pad)
     log = dict(tok_loss=kl.sum().data, tok_tokens=mask.sum().item(), kd_agree=agree, kd_tokens=mask.sum())
     return kl * temperature_factor, mask, log
 

@@ -18,6 +18,15 @@ by ``python -m fairseq_kd.decoding binarize``): batches gain
 (:mod:`fairseq_kd.data.teacher_target`), which criterions that do not use
 them ignore.  A criterion that only trains on teacher targets sets
 ``needs_teacher = False`` and then no live teacher is loaded.
+
+With ``--teacher-cache DIR`` (built by ``python -m fairseq_kd.cache build``)
+no teacher is loaded at all: the training split's batches carry the
+teacher's cached top-k (:mod:`fairseq_kd.cache.dataset`) and the criterion
+is handed a :class:`~fairseq_kd.cache.dataset.CachedTeacher` instead of the
+live teacher.  The cache's manifest must match the task's dictionaries, the
+training split and the criterion's temperature, and the criterion must accept
+the cached form (``teacher_cache_error``); ``--teacher-path`` and
+``--teacher-cache`` together are refused.
 """
 
 import logging
@@ -31,6 +40,8 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_kd.cache.dataset import CachedTeacher, load_teacher_cache
+from fairseq_kd.cache.manifest import check_manifest, dictionary_digests, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.teacher import PRECISIONS, load_teacher, split_paths
@@ -66,6 +77,13 @@ class DistillationTranslationConfig(TranslationConfig):
             "loaded next to the gold target of --train-subset (Seq-KD)"
         },
     )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "offline teacher cache directory (python -m fairseq_kd.cache build): the teacher's "
+            "top-k for every target position of --train-subset, used instead of --teacher-path"
+        },
+    )
 
 
 @register_task("distillation_translation", dataclass=DistillationTranslationConfig)
@@ -75,6 +93,11 @@ class DistillationTranslationTask(TranslationTask):
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self.teacher = None
+        if cfg.teacher_cache and cfg.teacher_path:
+            raise DistillationError(
+                "--teacher-path and --teacher-cache are exclusive: the cache replaces the live teacher; "
+                "pass one of them"
+            )
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
@@ -91,6 +114,8 @@ class DistillationTranslationTask(TranslationTask):
                 "%s: teacher targets %s (%d examples)", split, self.cfg.teacher_target_subset,
                 len(teacher_target),
             )
+        if self.cfg.teacher_cache and split == self.cfg.train_subset:
+            self.datasets[split] = load_teacher_cache(self.cfg.teacher_cache, self.datasets[split], split, self.tgt_dict.pad())
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg)
@@ -99,7 +124,9 @@ class DistillationTranslationTask(TranslationTask):
                 f"criterion {cfg._name} trains on the teacher's translations: pass "
                 f"--teacher-target-subset NAME (written by python -m fairseq_kd.decoding binarize)"
             )
-        if getattr(criterion, "needs_teacher", False):
+        if getattr(criterion, "needs_teacher", False) and self.cfg.teacher_cache:
+            self.teacher = self.load_teacher_cache(criterion, cfg._name)
+        elif getattr(criterion, "needs_teacher", False):
             if not self.cfg.teacher_path:
                 raise DistillationError(
                     f"criterion {cfg._name} distils from a teacher: pass --teacher-path CHECKPOINT"
@@ -110,6 +137,29 @@ class DistillationTranslationTask(TranslationTask):
                 "--teacher-path is ignored: criterion %s does not use a teacher", cfg._name
             )
         return criterion
+
+    def load_teacher_cache(self, criterion, name: str) -> CachedTeacher:
+        """Check the cache's manifest against this run and the criterion; the stand-in teacher."""
+        path = self.cfg.teacher_cache
+        manifest = read_manifest(path)
+        data_dir = utils.split_paths(self.cfg.data)[0]
+        expected = {
+            "dictionaries": dictionary_digests(data_dir, self.cfg.source_lang, self.cfg.target_lang),
+            "split": self.cfg.train_subset,
+            "temperature": getattr(criterion, "temperature", 1.0),
+        }
+        check_manifest(path, manifest, expected, fixes={
+            "dictionaries": f"build the cache from {data_dir} (the dictionaries of this run)",
+            "split": "build the cache on --train-subset, or set --train-subset to the cached split",
+            "temperature": "pass the cache's temperature as --kd-temperature, or rebuild it at this temperature",
+        })
+        refusal = criterion.teacher_cache_error(manifest) if hasattr(criterion, "teacher_cache_error") else (
+            f"criterion {name} does not read a teacher cache"
+        )
+        if refusal:
+            raise DistillationError(f"--teacher-cache {path}: {refusal}")
+        logger.info("teacher: cache %s (k=%d, temperature %g)", path, manifest["k"], manifest["temperature"])
+        return CachedTeacher(path, manifest)
 
     def load_teacher(self):
         if self.teacher is None:

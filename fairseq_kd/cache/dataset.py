@@ -1,0 +1,194 @@
+"""Reading a teacher cache during training.
+
+:class:`TeacherCache` opens the shards of a cache directory as memory-mapped
+files (fairseq's ``mmap`` index format, see :mod:`fairseq_kd.cache.build`)
+and returns, for example ``i``, its ``[T_i, k]`` ids and float16
+log-probabilities; only the rows asked for are read, so each data-parallel
+rank touches just its own batches' rows and no process loads the cache into
+memory.  The files are opened lazily and reopened after pickling, so fairseq's
+data-loader workers share the page cache instead of copying arrays.
+
+:class:`TeacherCacheDataset` wraps the training split's dataset and adds to
+every collated batch
+
+* ``teacher_topk_ids`` ``[B, T, k]`` long: the teacher's top-k ids;
+* ``teacher_topk_lprobs`` ``[B, T, k]`` float16: their log-probabilities,
+
+aligned with ``target`` (rows in the batch's order, padded like it; a pad
+position holds the pad id and ``-inf``, i.e. an empty top-k whose tail bucket
+has all the mass).  :class:`CachedTeacher` is what the distillation task hands
+to a criterion in place of a live teacher; :class:`TopKTeacher` is the
+``(ids, lprobs)`` pair a criterion gets from it.
+"""
+
+import logging
+import os
+from typing import Dict, NamedTuple
+
+import numpy as np
+import torch
+from fairseq.data import BaseWrapperDataset
+from torch import Tensor
+
+from fairseq_kd.cache.manifest import missing_shards, read_manifest, shard_dir, shard_range
+from fairseq_kd.errors import DistillationError
+
+logger = logging.getLogger("fairseq_kd.cache")
+
+IDS_KEY, LPROBS_KEY = "teacher_topk_ids", "teacher_topk_lprobs"
+
+
+class _Shard:
+    """One memory-mapped indexed dataset, items read as ``dtype``."""
+
+    def __init__(self, prefix: str, dtype):
+        from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise DistillationError(f"{prefix}{ext} not found: the cache shard is incomplete; rebuild it")
+        index = MMapIndexedDataset.Index(prefix + ".idx")
+        self.prefix, self.dtype = prefix, np.dtype(dtype)
+        self.sizes = np.array(index.sizes, dtype=np.int64)
+        pointers = getattr(index, "_pointers", None)  # fairseq's array; else one lookup per item
+        if pointers is None:
+            pointers = [index[i][0] for i in range(len(index))]
+        self.pointers = np.array(pointers, dtype=np.int64)
+        self.buffer = None
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.buffer is None:
+            self.buffer = np.memmap(self.prefix + ".bin", mode="r", dtype=np.uint8)
+        return np.frombuffer(self.buffer, dtype=self.dtype, count=int(self.sizes[i]), offset=int(self.pointers[i]))
+
+    def __getstate__(self):
+        return {**self.__dict__, "buffer": None}
+
+
+class TeacherCache:
+    """The cache in ``cache_dir``: ``cache[i] -> (ids [T, k] int64, lprobs [T, k] float16)``."""
+
+    def __init__(self, cache_dir: str):
+        self.dir = cache_dir
+        self.manifest = read_manifest(cache_dir)
+        missing = missing_shards(cache_dir, self.manifest)
+        n = self.manifest["num_shards"]
+        if missing:
+            raise DistillationError(
+                f"teacher cache {cache_dir} lacks shard(s) {missing} of {n}: finish the build "
+                f"(python -m fairseq_kd.cache build --out-dir {cache_dir} ..., the finished shards are skipped)"
+            )
+        self.k = self.manifest["k"]
+        self.temperature = self.manifest["temperature"]
+        num = self.manifest["num_examples"]
+        self.starts = np.array([shard_range(num, n, s)[0] for s in range(n)], dtype=np.int64)
+        self.shards = []
+        for s in range(n):
+            folder = shard_dir(cache_dir, s, n)
+            ids = _Shard(os.path.join(folder, "ids"), self.manifest["ids_dtype"])
+            values = _Shard(os.path.join(folder, "lprobs"), np.float16)  # stored as uint16 bit patterns
+            expected = shard_range(num, n, s)[1] - shard_range(num, n, s)[0]
+            if len(ids.sizes) != expected or not np.array_equal(ids.sizes, values.sizes):
+                raise DistillationError(f"{folder} holds {len(ids.sizes)} examples, not {expected}: rebuild it")
+            self.shards.append((ids, values))
+        self.sizes = np.concatenate([ids.sizes for ids, _ in self.shards]) // self.k  # target length per example
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int):
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        ids, values = self.shards[s]
+        j = i - int(self.starts[s])
+        return (
+            torch.from_numpy(ids[j].astype(np.int64)).view(-1, self.k),
+            torch.from_numpy(values[j].copy()).view(-1, self.k),
+        )
+
+
+def load_teacher_cache(cache_dir: str, dataset, split: str, pad: int) -> "TeacherCacheDataset":
+    """``dataset`` (the training split) wrapped with the cache of ``cache_dir``, after checking that the
+    cache has one row per target token of every example."""
+    cache = TeacherCache(cache_dir)
+    if len(cache) != len(dataset):
+        raise DistillationError(
+            f"teacher cache {cache_dir} holds {len(cache)} examples, the {split} split {len(dataset)}: "
+            f"build the cache on this split"
+        )
+    gold = getattr(_language_pair(dataset), "tgt_sizes", None)
+    if gold is not None and not np.array_equal(np.asarray(gold), cache.sizes):
+        i = int(np.flatnonzero(np.asarray(gold) != cache.sizes)[0])
+        raise DistillationError(
+            f"teacher cache {cache_dir}: example {i} has {cache.sizes[i]} cached positions but {gold[i]} "
+            f"target tokens in the {split} split; the cache was built on other data"
+        )
+    logger.info("%s: teacher cache %s (k=%d)", split, cache_dir, cache.k)
+    return TeacherCacheDataset(dataset, cache, pad)
+
+
+def _language_pair(dataset):
+    while not hasattr(dataset, "left_pad_target") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+class TeacherCacheDataset(BaseWrapperDataset):
+    """The training split plus its cached teacher distribution (batch keys ``teacher_topk_*``)."""
+
+    def __init__(self, dataset, cache: TeacherCache, pad: int):
+        super().__init__(dataset)
+        self.cache, self.pad = cache, pad
+        self.left_pad_target = getattr(_language_pair(dataset), "left_pad_target", False)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        ids, values = self.cache[index]
+        if ids.size(0) != item["target"].numel():
+            raise DistillationError(
+                f"teacher cache {self.cache.dir}: example {index} has {ids.size(0)} cached positions but "
+                f"{item['target'].numel()} target tokens; the cache was built on other data"
+            )
+        item[IDS_KEY], item[LPROBS_KEY] = ids, values
+        return item
+
+    def collater(self, samples, **kwargs):
+        batch = self.dataset.collater(samples, **kwargs)
+        if len(batch) == 0:
+            return batch
+        by_id = {s["id"]: (s[IDS_KEY], s[LPROBS_KEY]) for s in samples}
+        bsz, length = batch["target"].shape
+        ids = torch.full((bsz, length, self.cache.k), self.pad, dtype=torch.long)
+        values = torch.full((bsz, length, self.cache.k), float("-inf"), dtype=torch.float16)
+        for b, example in enumerate(batch["id"].tolist()):
+            row_ids, row_values = by_id[example]
+            n = row_ids.size(0)
+            at = slice(length - n, length) if self.left_pad_target else slice(0, n)
+            ids[b, at], values[b, at] = row_ids, row_values
+        batch[IDS_KEY], batch[LPROBS_KEY] = ids, values
+        return batch
+
+
+class TopKTeacher(NamedTuple):
+    """The teacher's distribution on one batch as the cache gives it."""
+
+    ids: Tensor  #: [B, T, k] long
+    lprobs: Tensor  #: [B, T, k] float16 (normalised over the vocabulary, at the cache's temperature)
+
+
+class CachedTeacher:
+    """Stands in for the live teacher when the training batches carry its cached top-k."""
+
+    def __init__(self, cache_dir: str, manifest: Dict):
+        self.dir, self.manifest = cache_dir, manifest
+        self.k, self.temperature = manifest["k"], manifest["temperature"]
+
+    def topk(self, sample) -> TopKTeacher:
+        if IDS_KEY not in sample:
+            raise DistillationError(
+                f"this batch carries no cached teacher distribution ({IDS_KEY}): --teacher-cache "
+                f"{self.dir} covers the training split only"
+            )
+        return TopKTeacher(sample[IDS_KEY], sample[LPROBS_KEY])
+
+    def to_like(self, module) -> "CachedTeacher":
+        return self

@@ -1,0 +1,146 @@
+"""The manifest of a teacher cache: what a cache directory holds and the checks
+that refuse a cache that does not fit.
+
+``DIR/manifest.json`` records the sha256 of every teacher checkpoint and of
+both dictionaries, the split's name, number of examples and of target tokens,
+the language pair, ``k``, the temperature the log-probabilities were computed
+at, the dtypes of ids and values and the number of shards.  A build into a
+directory whose manifest differs is refused (its shards would not belong to
+one cache), and so is a cache whose manifest does not match the training run
+(:func:`check_manifest`); each refusal is one line naming the file and the
+first field that differs.  The shard layout: ``DIR/shardIII-of-NNN/`` holds
+``ids.{bin,idx}`` and ``lprobs.{bin,idx}`` for one contiguous range of
+example ids (:func:`shard_range`); it is written as ``shardIII-of-NNN.tmp/``
+and renamed when complete.
+"""
+
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+from fairseq_kd.download import sha256_of
+from fairseq_kd.errors import DistillationError
+
+MANIFEST = "manifest.json"
+#: version of the on-disk layout
+FORMAT = 1
+#: dtype of the cached log-probabilities (stored as their uint16 bit patterns)
+VALUES_DTYPE = "float16"
+DEFAULT_K = 8
+
+#: the fields a training run checks, with the option that fixes each
+TRAINING_FIELDS = ("format", "dictionaries", "split", "num_examples", "temperature")
+
+
+def ids_dtype_name(vocab_size: int) -> str:
+    """The smallest unsigned integer type holding every id of a ``vocab_size`` dictionary."""
+    if vocab_size <= 1 << 8:
+        return "uint8"
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    return "uint32"
+
+
+def shard_range(num_examples: int, num_shards: int, shard_id: int):
+    """``[start, end)`` of the example ids of shard ``shard_id`` (contiguous, sizes differ by <= 1)."""
+    if num_shards < 1:
+        raise DistillationError(f"--num-shards must be >= 1, got {num_shards}")
+    if not 0 <= shard_id < num_shards:
+        raise DistillationError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
+    return num_examples * shard_id // num_shards, num_examples * (shard_id + 1) // num_shards
+
+
+def shard_dir(cache_dir: str, shard_id: int, num_shards: int) -> str:
+    return os.path.join(cache_dir, f"shard{shard_id:03d}-of-{num_shards:03d}")
+
+
+def dictionary_files(data_dir: str, src: str, tgt: str) -> Dict[str, str]:
+    return {lang: os.path.join(data_dir, f"dict.{lang}.txt") for lang in (src, tgt)}
+
+
+def dictionary_digests(data_dir: str, src: str, tgt: str) -> Dict[str, str]:
+    """``{"src": sha256, "tgt": sha256}`` of the data directory's dictionaries."""
+    files = dictionary_files(data_dir, src, tgt)
+    return {"src": sha256_of(files[src]), "tgt": sha256_of(files[tgt])}
+
+
+def build_manifest(
+    teacher_paths: Sequence[str], data_dir: str, split: str, src: str, tgt: str, num_examples: int,
+    num_target_tokens: int, vocab_size: int, k: int, temperature: float, num_shards: int,
+) -> Dict:
+    return {
+        "format": FORMAT,
+        "teacher": [{"file": os.path.basename(p), "sha256": sha256_of(p)} for p in teacher_paths],
+        "dictionaries": dictionary_digests(data_dir, src, tgt),
+        "source_lang": src,
+        "target_lang": tgt,
+        "split": split,
+        "num_examples": int(num_examples),
+        "num_target_tokens": int(num_target_tokens),
+        "vocab_size": int(vocab_size),
+        "k": int(k),
+        "temperature": float(temperature),
+        "ids_dtype": ids_dtype_name(vocab_size),
+        "values_dtype": VALUES_DTYPE,
+        "num_shards": int(num_shards),
+    }
+
+
+def _describe(key: str, old, new) -> str:
+    if key == "teacher":
+        return "the teacher checkpoint(s) differ (sha256)"
+    if key == "dictionaries":
+        return "the dictionaries differ (sha256 of dict.*.txt)"
+    return f"{key} is {old!r} in the cache, {new!r} here"
+
+
+def write_or_check_manifest(cache_dir: str, manifest: Dict) -> None:
+    """Write ``DIR/manifest.json``, or refuse when it exists and records another cache."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, MANIFEST)
+    if os.path.exists(path):
+        old = read_manifest(cache_dir)
+        changed = [key for key in sorted(set(old) | set(manifest)) if old.get(key) != manifest.get(key)]
+        if changed:
+            raise DistillationError(
+                f"{path} records another cache: {_describe(changed[0], old.get(changed[0]), manifest.get(changed[0]))}; "
+                f"build into a new --out-dir or delete {cache_dir}"
+            )
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(cache_dir: str) -> Dict:
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise DistillationError(
+            f"{path} not found: {cache_dir} is not a teacher cache; build one with "
+            f"`python -m fairseq_kd.cache build --out-dir {cache_dir} ...`"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise DistillationError(f"{path} is not valid JSON ({e}); rebuild the cache") from None
+
+
+def check_manifest(cache_dir: str, manifest: Dict, expected: Dict, fixes: Optional[Dict[str, str]] = None) -> None:
+    """Refuse ``manifest`` (read from ``cache_dir``) unless it agrees with every field of ``expected``;
+    the one-line error names the manifest, the first differing field and ``fixes[field]``."""
+    path = os.path.join(cache_dir, MANIFEST)
+    for key, want in expected.items():
+        have = manifest.get(key)
+        if key == "temperature" and have is not None and want is not None and abs(float(have) - float(want)) < 1e-9:
+            continue
+        if have != want:
+            fix = (fixes or {}).get(key, "build a cache for this run")
+            raise DistillationError(f"teacher cache {path} does not match: {_describe(key, have, want)}; {fix}")
+
+
+def missing_shards(cache_dir: str, manifest: Dict):
+    n = manifest["num_shards"]
+    return [i for i in range(n) if not os.path.isdir(shard_dir(cache_dir, i, n))]
