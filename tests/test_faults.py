@@ -127,13 +127,68 @@ def run_two_ranks(data, save_dir, flags, backend):
     return results
 
 
+DDP_RANK = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {repo!r})
+from fairseq.distributed import ModuleProxyWrapper
+from fairseq_kd.criterions.{module} import {cls}, {cfg}
+from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
+from tests import toy
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+task = toy.make_task()
+model = toy.make_model(task)
+task.teacher = toy.make_teacher(task)
+sample = toy.make_sample(task, seed=rank)  # each rank its own batch
+wrapped = ModuleProxyWrapper(torch.nn.parallel.DistributedDataParallel(model))  # what fairseq's trainer builds
+
+def rank_gap(criterion):
+    model.zero_grad()
+    loss = criterion(wrapped, sample, teacher=task.teacher)[0]
+    loss.backward()
+    grad = model.encoder.layers[0].fc1.weight.grad.clone()
+    both = [torch.zeros_like(grad) for _ in range(2)]
+    dist.all_gather(both, grad)
+    return float((both[0] - both[1]).abs().max())
+
+print("THROUGH_FORWARD", rank_gap(WordKDCriterion(task, WordKDConfig(sentence_avg=False))))
+criterion = {cls}(task, {cfg}(sentence_avg=False))
+try:
+    print("BYPASS", rank_gap(criterion))
+except SystemExit as e:
+    print("BYPASS refused in forward:", e)
+model.zero_grad()
+optimizer = type("O", (), {{"backward": staticmethod(lambda loss: loss.backward())}})()
+try:
+    task.train_step(sample, wrapped, criterion, optimizer, 0)
+    print("TRAIN_STEP ran")
+except SystemExit as e:
+    print("TRAIN_STEP refused:", e)
+dist.destroy_process_group()
+"""
+
+
 @pytest.mark.e2e
-def test_hybrid_under_pytorch_ddp_on_two_ranks_refuses_with_the_flag(prepared, teacher_ckpt, tmp_path):
-    flags = [*KD, "--teacher-path", teacher_ckpt, "--criterion", "hybrid_gated_kd", "--gate", "scalar",
-             "--max-update", "2"]
-    for proc in run_two_ranks(prepared.bin, str(tmp_path), flags, "pytorch_ddp"):
-        one_line_error(proc, "--ddp-backend legacy_ddp")
-    assert not os.path.exists(tmp_path / "checkpoint_last.pt")
+@pytest.mark.parametrize("module, cls, cfg", [
+    ("hybrid_gated_kd", "HybridGatedKDCriterion", "HybridGatedKDConfig"),
+    ("tie_kd", "TieKDCriterion", "TieKDConfig"),
+])
+def test_under_torch_ddp_on_two_gloo_ranks_the_task_refuses_before_any_step(module, cls, cfg):
+    """torch's DDP on 2 CPU ranks: through the wrapped forward (word_kd) the ranks' gradients are
+    all-reduced; calling encoder and decoder separately they are not, and the task refuses that."""
+    script = DDP_RANK.format(repo=cli.REPO, module=module, cls=cls, cfg=cfg, port=_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=cli.REPO, env=ENV) for rank in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        assert float(re.search(r"THROUGH_FORWARD (\S+)", out).group(1)) == 0.0
+        bypass = re.search(r"BYPASS (\S+)", out)
+        if bypass and bypass.group(1) != "refused":
+            assert float(bypass.group(1)) > 1e-6  # the silent failure: the ranks' gradients differ
+        assert "TRAIN_STEP refused:" in out and "--ddp-backend legacy_ddp" in out, out
 
 
 # ---- non-finite teacher output ---------------------------------------------------------------------------
