@@ -162,7 +162,7 @@ def _original(function):
 def install_fairseq_loader() -> None:
     """Wrap fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` (override refused, one-line errors,
     explicit ``weights_only``) and ``Trainer.load_checkpoint`` (hands the checkpoint's ``task_state`` to
-    ``task.load_training_state``); idempotent."""
+    ``task.load_training_state``) and ``Trainer.state_dict`` (records the dictionaries' sha256); idempotent."""
     from fairseq import checkpoint_utils, trainer
 
     if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_fairseq_kd", False):
@@ -204,6 +204,24 @@ def install_fairseq_loader() -> None:
         return extra_state
 
     trainer.Trainer.load_checkpoint = load_checkpoint
+
+    original_state_dict = _original(trainer.Trainer.state_dict)
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self):
+        # every checkpoint written with the plugin loaded records the sha256 of its dictionaries, so that a
+        # teacher is refused once they were regenerated (fairseq_kd.teacher.ensemble.check_recorded_dictionaries)
+        state = original_state_dict(self)
+        task_state = state.get("task_state")
+        cfg = getattr(self.task, "cfg", None)
+        if isinstance(task_state, dict) and "dictionary_sha256" not in task_state and \
+                all(getattr(cfg, k, None) for k in ("data", "source_lang", "target_lang")):
+            from fairseq_kd.tasks.guards import dictionary_hashes
+
+            state["task_state"] = dict(task_state, dictionary_sha256=dictionary_hashes(self.task))
+        return state
+
+    trainer.Trainer.state_dict = state_dict
 
 
 def load_checkpoint_state(path: str):

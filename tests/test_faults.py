@@ -302,7 +302,9 @@ def test_dictionaries_regenerated_after_the_teacher_was_trained(prepared, tmp_pa
     data = str(tmp_path / "bin")
     shutil.copytree(prepared.bin, data)
     save = str(tmp_path / "teacher")
-    cli.train(data, save, *KD, "--criterion", "label_smoothed_cross_entropy", "--max-update", "2")
+    # trained as the pipeline trains its teacher: fairseq's translation task, the plugin loaded
+    cli.train(data, save, "--user-dir", cli.USER_DIR, "--criterion", "label_smoothed_cross_entropy",
+              "--max-update", "2")
     ckpt = os.path.join(save, "checkpoint_last.pt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     recorded = state["task_state"]["dictionary_sha256"]

@@ -99,9 +99,8 @@ train() {  # train NAME UPDATES MODEL_FLAGS_ARRAY_NAME [FLAGS...]
         "${train_args[@]}" "${model[@]}" "${device[@]}" --max-update "$updates" "$@" 2>&1 | tee "$WORK/$name.train.log"
 }
 
-train_teacher() {  # the distillation task records the sha256 of the dictionaries in the teacher's checkpoints
-    train teacher "$TEACHER_UPDATES" teacher_args --task distillation_translation \
-        --criterion label_smoothed_cross_entropy --label-smoothing 0.1
+train_teacher() {
+    train teacher "$TEACHER_UPDATES" teacher_args --criterion label_smoothed_cross_entropy --label-smoothing 0.1
 }
 
 train_student() {  # train_student NAME
