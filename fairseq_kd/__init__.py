@@ -7,9 +7,10 @@ allow-lists the classes fairseq checkpoints hold for ``torch.load``'s
 
 __version__ = "0.1.0"
 
-from fairseq_kd.checkpoints import install_safe_globals
+from fairseq_kd.checkpoints import install_fairseq_loader, install_safe_globals
 
 install_safe_globals()
+install_fairseq_loader()
 
 import fairseq_kd.criterions  # noqa: E402,F401  (registers the criterions)
 import fairseq_kd.tasks  # noqa: E402,F401  (registers the tasks)

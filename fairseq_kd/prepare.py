@@ -12,9 +12,19 @@ without a test split (e.g. ``opennmt_toy_en_de``) can hold out the end of its
 valid split as the test set with ``--test-from-valid N``.  Each
 stage is skipped when its output exists; every output is written under a
 temporary name and renamed when complete.
+
+Input text must be UTF-8 (an invalid byte stops with the file and line; a
+byte-order mark is dropped, a carriage return inside a line becomes a space).
+A pair with a side longer than ``--max-tokens-per-line`` SentencePiece tokens
+(default 1000, under the 1024 positions of fairseq's transformers) would be
+skipped by ``fairseq-train`` and make ``fairseq-generate`` fail: in the train
+and valid splits it is dropped from ``raw``, ``spm_text`` and ``bin`` alike (a
+warning names each file and line), in the test split it stops with an error
+naming them (the references must stay complete).
 """
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -23,11 +33,14 @@ from typing import List, Optional
 
 from tqdm import tqdm
 
-from fairseq_kd.corpora import locate_corpus, read_lines, split_path
+from fairseq_kd.corpora import locate_corpus, split_path
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.textio import count_lines, write_lines_atomic
+from fairseq_kd.textio import count_lines, read_text_lines as read_lines, unique_tmp, write_lines_atomic
 
 SPLITS = ("train", "valid", "test")
+MAX_TOKENS_PER_LINE = 1000
+
+logger = logging.getLogger("fairseq_kd.prepare")
 
 
 def split_lines(corpus_dir: str, split: str, lang: str, limit: Optional[int], test_from_valid: Optional[int]):
@@ -87,22 +100,55 @@ def train_sentencepiece(raw_dir: str, model_prefix: str, langs, vocab_size: int,
     os.replace(tmp_prefix + ".model", model_prefix + ".model")
 
 
-def encode(model_file: str, raw_dir: str, spm_dir: str, langs) -> None:
+def _drop_lines(path: str, drop) -> None:
+    """Rewrite ``path`` without the 0-based line numbers in ``drop``."""
+    write_lines_atomic(path, [line for i, line in enumerate(read_lines(path)) if i not in drop])
+
+
+def encode(model_file: str, raw_dir: str, spm_dir: str, langs, max_tokens: int = MAX_TOKENS_PER_LINE) -> None:
+    """SentencePiece-encode every split; pairs longer than ``max_tokens`` are dropped (train, valid) or
+    refused (test), see the module docstring."""
     import sentencepiece as spm
 
     os.makedirs(spm_dir, exist_ok=True)
     sp = spm.SentencePieceProcessor(model_file=model_file)
     for split in SPLITS:
-        for lang in langs:
-            dest = os.path.join(spm_dir, f"{split}.{lang}")
-            if os.path.exists(dest):
-                continue
-            lines = list(read_lines(os.path.join(raw_dir, f"{split}.{lang}")))
-            pieces = (
-                " ".join(sp.encode(line, out_type=str))
-                for line in tqdm(lines, desc=f"spm {split}.{lang}", unit="sent", leave=False)
+        dests = [os.path.join(spm_dir, f"{split}.{lang}") for lang in langs]
+        if all(os.path.exists(d) for d in dests):
+            continue
+        tmps, too_long = [], {}
+        for lang, dest in zip(langs, dests):
+            raw = os.path.join(raw_dir, f"{split}.{lang}")
+            tmp = unique_tmp(dest)
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                lines = read_lines(raw)
+                for i, line in enumerate(tqdm(lines, desc=f"spm {split}.{lang}", unit="sent", leave=False)):
+                    pieces = sp.encode(line, out_type=str)
+                    if len(pieces) > max_tokens:
+                        too_long.setdefault(i, []).append((raw, len(pieces)))
+                    f.write(" ".join(pieces) + "\n")
+            tmps.append(tmp)
+        if too_long:
+            listed = "; ".join(f"{raw}:{i + 1} has {n} tokens" for i in sorted(too_long)[:5] for raw, n in too_long[i])
+            if split == "test":
+                for tmp in tmps:
+                    os.remove(tmp)
+                raise DistillationError(
+                    f"{len(too_long)} test line(s) longer than --max-tokens-per-line {max_tokens} "
+                    f"({listed}); fairseq-generate cannot translate them: shorten or remove them from the "
+                    f"test set (source and reference alike), or raise --max-tokens-per-line and the model's "
+                    f"--max-source-positions/--max-target-positions"
+                )
+            logger.warning(
+                "%s: %d pair(s) longer than %d tokens dropped from raw, spm_text and bin (%s%s)",
+                split, len(too_long), max_tokens, listed, ", ..." if len(too_long) > 5 else "",
             )
-            write_lines_atomic(dest, pieces)
+            drop = set(too_long)
+            for lang, tmp in zip(langs, tmps):
+                _drop_lines(tmp, drop)
+                _drop_lines(os.path.join(raw_dir, f"{split}.{lang}"), drop)
+        for tmp, dest in zip(tmps, dests):
+            os.replace(tmp, dest)
 
 
 def binarize(spm_dir: str, bin_dir: str, src: str, tgt: str, workers: int) -> None:
@@ -135,6 +181,7 @@ def prepare(
     vocab_size: int = 4000,
     workers: int = 1,
     test_from_valid: Optional[int] = None,
+    max_tokens_per_line: int = MAX_TOKENS_PER_LINE,
 ) -> str:
     """Run every stage; returns the binarized data directory.
 
@@ -148,7 +195,7 @@ def prepare(
     slice_corpus(corpus_dir, raw_dir, (src, tgt), limits, test_from_valid)
     model_prefix = os.path.join(out, "spm")
     train_sentencepiece(raw_dir, model_prefix, (src, tgt), vocab_size, seed_sentences=200000)
-    encode(model_prefix + ".model", raw_dir, os.path.join(out, "spm_text"), (src, tgt))
+    encode(model_prefix + ".model", raw_dir, os.path.join(out, "spm_text"), (src, tgt), max_tokens_per_line)
     bin_dir = os.path.join(out, "bin")
     binarize(os.path.join(out, "spm_text"), bin_dir, src, tgt, workers)
     return bin_dir
@@ -170,13 +217,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--test-from-valid", type=int, default=None, metavar="N",
         help="for a corpus without a test split: the last N valid pairs are the test set, the rest the valid set",
     )
+    parser.add_argument(
+        "--max-tokens-per-line", type=int, default=MAX_TOKENS_PER_LINE, metavar="N",
+        help="drop train/valid pairs with a side longer than N SentencePiece tokens (refused in test)",
+    )
     args = parser.parse_args(argv)
     if args.test_from_valid is not None and args.test_from_valid < 1:
         parser.error(f"--test-from-valid must be a positive number of lines, got {args.test_from_valid}")
     bin_dir = prepare(
         args.corpus, args.data_root, args.src, args.tgt, args.out,
         args.train_lines, args.valid_lines, args.test_lines, args.vocab_size, args.workers,
-        args.test_from_valid,
+        args.test_from_valid, args.max_tokens_per_line,
     )
     print(bin_dir)
 

@@ -52,8 +52,10 @@ def extract(generate_output: str, dest: str, expect_lines: Optional[int] = None)
 
 
 def read_text(path: str) -> List[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    """The lines of a hypothesis or reference file (UTF-8, a byte-order mark dropped, one line per ``\\n``)."""
+    from fairseq_kd.textio import read_text_lines
+
+    return list(read_text_lines(path))
 
 
 def score(hyp_file: str, ref_file: str) -> Tuple[float, float, str, str]:

@@ -16,6 +16,7 @@ from fairseq.data import LanguagePairDataset
 from omegaconf import OmegaConf
 
 from fairseq_kd import decoding, losses
+from fairseq_kd.decoding.shards import partial_shards
 from fairseq_kd.criterions.seq_kd import SeqKDConfig, SeqKDCriterion
 from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
 from fairseq_kd.data.teacher_target import TeacherTargetDataset
@@ -158,7 +159,7 @@ def test_merge_restores_order_after_shards_finish_out_of_order(tmp_path):
     lines = open(merged, encoding="utf-8").read().splitlines()
     assert lines == ["w1 " + s for s in SOURCES]
     assert report.num_examples == len(SOURCES) and report.num_degenerate == 0
-    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    assert not [p for p in os.listdir(out) if ".tmp" in p or p.endswith(".lock")]
 
 
 def test_killed_shard_is_redone_and_finished_shards_are_not(tmp_path):
@@ -172,7 +173,8 @@ def test_killed_shard_is_redone_and_finished_shards_are_not(tmp_path):
         decoding.decode_corpus(c, echo_translator(fail_after=1), out, num_shards=2, shard_ids=[1],
                                max_sentences=2, progress=False)
     assert not os.path.exists(shard1)
-    assert len(open(shard1 + ".tmp").read().splitlines()) == 2
+    [partial] = partial_shards(shard1)  # shardIII-of-NNN.jsonl.tmp<pid>-<random>
+    assert len(open(partial).read().splitlines()) == 2
     with pytest.raises(DistillationError, match=r"shard\(s\) 1 \(incomplete\) of 2"):
         decoding.merge(out, str(tmp_path / "t.txt"), progress=False)
 
@@ -183,7 +185,7 @@ def test_killed_shard_is_redone_and_finished_shards_are_not(tmp_path):
     assert os.stat(shard0).st_mtime == 1_000_000  # not rewritten
     start, end = decoding.shard_range(len(SOURCES), 2, 1)
     assert sorted(calls) == list(range(start, end))  # only shard 1 translated, each sentence once
-    assert not os.path.exists(shard1 + ".tmp")
+    assert not partial_shards(shard1) and not os.path.exists(shard1 + ".lock")
     decoding.merge(out, str(tmp_path / "t.txt"), progress=False)
     assert len(open(tmp_path / "t.txt").read().splitlines()) == len(SOURCES)
     # a third run decodes nothing

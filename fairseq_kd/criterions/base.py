@@ -70,8 +70,10 @@ class KDCriterion(FairseqCriterion):
         super().__init__(task)
         if not 0.0 <= cfg.kd_alpha <= 1.0:
             raise DistillationError(f"--kd-alpha must be in [0, 1], got {cfg.kd_alpha}")
-        if cfg.kd_temperature <= 0:
-            raise DistillationError(f"--kd-temperature must be > 0, got {cfg.kd_temperature}")
+        if not (math.isfinite(cfg.kd_temperature) and cfg.kd_temperature > 0):
+            raise DistillationError(f"--kd-temperature must be a finite number > 0, got {cfg.kd_temperature}")
+        if not 0.0 <= cfg.label_smoothing < 1.0:
+            raise DistillationError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
         self.cfg = cfg
         self.sentence_avg = cfg.sentence_avg
         self.eps = cfg.label_smoothing

@@ -59,6 +59,9 @@ class HybridGatedKDConfig(KDCriterionConfig):
 
 @register_criterion("hybrid_gated_kd", dataclass=HybridGatedKDConfig)
 class HybridGatedKDCriterion(KDCriterion):
+    #: the student's encoder and decoder are called separately: the task refuses torch's DDP
+    calls_model_parts = True
+
     def __init__(self, task, cfg: HybridGatedKDConfig):
         super().__init__(task, cfg)
         self.gate_kind = str(cfg.gate)

@@ -12,9 +12,11 @@ term has no ``(1 - alpha)``.  ``--selective-strategy batch_level`` selects the h
 the threshold over a FIFO queue of the last ``--selective-queue-size`` token
 difficulties, the current batch included (the README recommends 30k for
 WMT'14 En-De).  The queue is training state that fairseq would not save (the
-criterion has no parameters): after a resume it refills within
-``queue_size / tokens_per_batch`` updates, during which the threshold is taken
-over fewer tokens.
+criterion has no parameters): the distillation tasks keep it in the
+checkpoint's ``task_state`` (:meth:`SelectiveKDCriterion.kd_state_dict`) and
+hand it back on resume, so a resumed run selects exactly the tokens an
+uninterrupted one would.  Under data parallelism each rank has its own queue;
+the checkpoint holds rank 0's, which every rank resumes from.
 
 The label smoothing is fairseq's current formula by default, so the NLL term
 matches every other criterion of this plugin; ``--legacy-label-smoothing``
@@ -76,6 +78,14 @@ class SelectiveKDCriterion(KDCriterion):
         if self.cfg.legacy_label_smoothing:
             return losses.legacy_nll_from_log_probs(lprobs, target, self.padding_idx, self.eps)
         return losses.nll_from_log_probs(lprobs, target, self.padding_idx, self.eps)
+
+    def kd_state_dict(self):
+        """The global_level queue, saved in the checkpoint by the distillation tasks."""
+        return {"selective_history": None if self.history is None else self.history.detach().cpu()}
+
+    def load_kd_state_dict(self, state):
+        history = state.get("selective_history")
+        self.history = None if history is None else history[-self.cfg.selective_queue_size:].float()
 
     def push_history(self, difficulty):
         new = difficulty.detach().float()

@@ -67,6 +67,8 @@ class TieKDCriterion(KDCriterion):
     per_token_keys = ("kd_loss", "rank_loss")
     #: per-pass top-1 agreement: ``{prefix}{n}`` counts, logged as ``kd_top1_agree_iter{n}``
     iteration_agree_prefix = "kd_agree_iter"
+    #: the student's encoder and decoder are called separately: the task refuses torch's DDP
+    calls_model_parts = True
 
     def __init__(self, task, cfg: TieKDConfig):
         super().__init__(task, cfg)

@@ -8,7 +8,7 @@ import os
 from typing import Optional
 
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.textio import count_lines
+from fairseq_kd.textio import count_lines, first_lone_carriage_return
 
 logger = logging.getLogger("fairseq_kd.decoding")
 
@@ -44,6 +44,12 @@ def binarize(
         raise DistillationError(f"{dict_path} not found; --data must be the binarized data directory")
     tgt_dict = Dictionary.load(dict_path)
     n_lines = count_lines(input_path)
+    lone_cr = first_lone_carriage_return(input_path)
+    if lone_cr is not None:  # fairseq would read two lines there: the count check below would not see it
+        raise DistillationError(
+            f"{input_path}:{lone_cr}: a carriage return inside the line; replace it by a space "
+            f"(python -m fairseq_kd.decoding merge writes clean lines) and re-run"
+        )
     gold = gold_target_prefix(data, split, task_src, task_tgt)
     src_prefix = gold[: -len(task_tgt)] + task_src
     src_ds = data_utils.load_indexed_dataset(src_prefix, None, None)

@@ -13,7 +13,8 @@ import numpy as np
 
 from fairseq_kd.decoding.backend import Translator
 from fairseq_kd.decoding.corpus import Corpus
-from fairseq_kd.decoding.shards import shard_path, shard_range, write_manifest
+from fairseq_kd.decoding.shards import partial_shards, shard_lock, shard_path, shard_range, write_manifest
+from fairseq_kd.textio import unique_tmp
 
 logger = logging.getLogger("fairseq_kd.decoding")
 
@@ -36,15 +37,26 @@ def decode_shard(
     no hypothesis text (``"skipped": "too_long"``) and ``merge`` flags it as
     empty.
     """
-    from tqdm import tqdm
-
     final = shard_path(out_dir, shard_id, num_shards)
     if os.path.exists(final):
         logger.info("shard %d/%d is complete (%s): skipped", shard_id, num_shards, final)
         return False
-    tmp = final + ".tmp"
-    if os.path.exists(tmp):
-        logger.info("shard %d/%d: incomplete %s from an earlier run is redone", shard_id, num_shards, tmp)
+    os.makedirs(out_dir, exist_ok=True)
+    with shard_lock(final):
+        if os.path.exists(final):  # completed by another process meanwhile
+            logger.info("shard %d/%d is complete (%s): skipped", shard_id, num_shards, final)
+            return False
+        for old in partial_shards(final):
+            logger.info("shard %d/%d: incomplete %s from an earlier run is redone", shard_id, num_shards, old)
+            os.remove(old)
+        return _decode_shard(corpus, translate, final, unique_tmp(final), shard_id, num_shards, max_tokens,
+                             max_sentences, max_source_len, progress)
+
+
+def _decode_shard(corpus, translate, final, tmp, shard_id, num_shards, max_tokens, max_sentences,
+                  max_source_len, progress) -> bool:
+    from tqdm import tqdm
+
     start, end = shard_range(len(corpus), num_shards, shard_id)
     indices = np.arange(start, end, dtype=np.int64)
     dataset = corpus.dataset
@@ -67,7 +79,6 @@ def decode_shard(
             rec["skipped"] = skipped
         return json.dumps(rec, ensure_ascii=False)
 
-    os.makedirs(out_dir, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f, tqdm(
         total=len(indices), unit="sent", desc=f"shard {shard_id}/{num_shards}",
         disable=not progress, dynamic_ncols=True, file=sys.stderr,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from fairseq_kd.decoding.selection import DEGENERATE_KINDS, DegenerateCheck, select_by_bleu
-from fairseq_kd.decoding.shards import read_manifest, shard_path, write_json_atomic
+from fairseq_kd.decoding.shards import partial_shards, read_manifest, shard_path, write_json_atomic
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.textio import write_lines_atomic
 
@@ -49,7 +49,7 @@ def read_shards(out_dir: str, manifest: Dict) -> Dict[int, Dict]:
     n, num_shards = manifest["num_examples"], manifest["num_shards"]
     missing = [s for s in range(num_shards) if not os.path.isfile(shard_path(out_dir, s, num_shards))]
     if missing:
-        state = ["incomplete" if os.path.exists(shard_path(out_dir, s, num_shards) + ".tmp") else "missing" for s in missing]
+        state = ["incomplete" if partial_shards(shard_path(out_dir, s, num_shards)) else "missing" for s in missing]
         listed = ", ".join(f"{s} ({st})" for s, st in zip(missing, state))
         raise DistillationError(
             f"{out_dir}: shard(s) {listed} of {num_shards} not complete; re-run "

@@ -2,15 +2,25 @@
 file names, the manifest recording what an ``--out-dir`` holds (a re-run with
 other settings is refused; complete shards are skipped, incomplete ones redone).
 
-A shard is written to ``shardIII-of-NNN.jsonl.tmp`` and renamed to
-``shardIII-of-NNN.jsonl`` when complete.
+A shard is written to ``shardIII-of-NNN.jsonl.tmp<pid>-<random>`` (a name
+unique to the writing process) and renamed to ``shardIII-of-NNN.jsonl`` when
+complete.  While a process decodes a shard it holds
+``shardIII-of-NNN.jsonl.lock`` (created with ``O_EXCL``, holding its host and
+pid): a second decode of the same shard (two nodes given the same shard id)
+stops with a message naming the holder instead of colliding on one file; a
+lock left by a process of this host that no longer runs is stale and taken
+over.
 """
 
+import contextlib
+import glob
 import json
 import os
-from typing import Dict, Sequence, Tuple
+import socket
+from typing import Dict, Iterator, Sequence, Tuple
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.textio import unique_tmp
 
 MANIFEST = "manifest.json"
 
@@ -28,8 +38,56 @@ def shard_path(out_dir: str, shard_id: int, num_shards: int) -> str:
     return os.path.join(out_dir, f"shard{shard_id:03d}-of-{num_shards:03d}.jsonl")
 
 
+def partial_shards(final: str):
+    """Temporary files of an interrupted write of shard file ``final``."""
+    return glob.glob(glob.escape(final) + ".tmp*")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def shard_lock(final: str) -> Iterator[None]:
+    """Hold ``final.lock`` while the block writes shard file ``final`` (see the module docstring)."""
+    lock = final + ".lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(lock, encoding="utf-8") as f:
+                    holder = json.load(f)
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                    and not _pid_alive(holder["pid"]):
+                os.remove(lock)  # stale: its process is gone
+                continue
+            raise DistillationError(
+                f"{final} is being decoded by process {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                f"(lock {lock}); give each decode its own --shard-id, wait for that one to finish, or delete "
+                f"{lock} if that process is gone"
+            )
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+
+
 def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = unique_tmp(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")

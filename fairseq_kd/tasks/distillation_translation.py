@@ -44,6 +44,7 @@ from fairseq_kd.cache.dataset import CachedTeacher, load_teacher_cache
 from fairseq_kd.cache.manifest import check_manifest, dictionary_digests, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.tasks import guards
 from fairseq_kd.teacher import PRECISIONS, load_teacher, split_paths
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class DistillationTranslationTask(TranslationTask):
                 "--teacher-path and --teacher-cache are exclusive: the cache replaces the live teacher; "
                 "pass one of them"
             )
+        self.criterion = None  # the training criterion, whose extra state rides in task_state
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
@@ -119,6 +121,7 @@ class DistillationTranslationTask(TranslationTask):
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg)
+        self.criterion = criterion
         if getattr(criterion, "needs_teacher_target", False) and not self.cfg.teacher_target_subset:
             raise DistillationError(
                 f"criterion {cfg._name} trains on the teacher's translations: pass "
@@ -181,7 +184,17 @@ class DistillationTranslationTask(TranslationTask):
             return {}
         return {"teacher": self.teacher.to_like(model)}
 
+    # -- checkpointed state (fairseq_kd.tasks.guards) ---------------------------------
+
+    def state_dict(self):
+        return dict(super().state_dict(), **guards.training_state(self, self.criterion))
+
+    def load_training_state(self, task_state, criterion):
+        """Called on resume with the checkpoint's ``task_state`` (fairseq_kd.checkpoints)."""
+        guards.restore_training_state(task_state, criterion)
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        guards.check_data_parallel(criterion, model)
         model.train()
         model.set_num_updates(update_num)
         kwargs = self.criterion_kwargs(criterion, model)
@@ -192,4 +205,5 @@ class DistillationTranslationTask(TranslationTask):
             loss *= 0
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
+        guards.check_teacher_output(kwargs.get("teacher"), sample, update_num)
         return loss, sample_size, logging_output

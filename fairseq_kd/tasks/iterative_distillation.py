@@ -75,6 +75,7 @@ from fairseq_kd.data.mixed_source import (
     with_prefixes,
 )
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.tasks import guards
 from fairseq_kd.tasks.distillation_translation import (
     DistillationTranslationConfig,
     DistillationTranslationTask,
@@ -378,6 +379,7 @@ class IterativeDistillationTask(DistillationTranslationTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if "has_reference" not in sample:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        guards.check_data_parallel(criterion, model)
         if _wrapped_in_torch_ddp(model):
             raise DistillationError(
                 "iterative_distillation runs the student twice per batch (bitext and source-only "
@@ -394,6 +396,7 @@ class IterativeDistillationTask(DistillationTranslationTask):
             loss *= 0
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
+        guards.check_teacher_output(kwargs.get("teacher"), sample, update_num)
         return loss, sample_size, logging_output
 
     # -- metrics -----------------------------------------------------------------

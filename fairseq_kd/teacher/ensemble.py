@@ -10,9 +10,20 @@ parameters have ``requires_grad=False`` and every forward runs under
 An ensemble averages the members' *probabilities* (computed in log space with
 ``logsumexp``); its output is a log-distribution, which every loss in
 :mod:`fairseq_kd.losses` accepts in place of logits.
+
+Bad teachers stop with one line naming the checkpoint: a file that does not
+load, parameters that are not finite, an embedding or output layer whose size
+differs from the task's dictionary, and dictionaries changed after the
+teacher was trained (the sha256 of ``dict.{src,tgt}.txt`` that the
+distillation tasks record in every checkpoint they write, compared when
+present).  Non-finite output, e.g. an overflow at ``--teacher-precision
+fp16``, is flagged by every forward pass without a device sync
+(:meth:`TeacherEnsemble.take_nonfinite`, read by the task once per update).
 """
 
+import hashlib
 import logging
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -69,6 +80,7 @@ class TeacherEnsemble:
         self.dtype = PRECISIONS[precision]
         self.paths = list(paths)
         self.device: Optional[torch.device] = None
+        self._nonfinite: Optional[Tensor] = None  # a device flag: NaN or +inf in an output since the last read
         for p in self.models.parameters():
             p.requires_grad_(False)
         self.models.eval()
@@ -107,9 +119,19 @@ class TeacherEnsemble:
             m.get_normalized_probs(m.decoder(prev_output_tokens, encoder_out=enc), log_probs=True).float()
             for m, enc in zip(self.models, encoder_outs)
         ]
-        if len(lprobs) == 1:
-            return lprobs[0]
-        return log_mean_exp(torch.stack(lprobs, dim=0), dim=0)
+        out = lprobs[0] if len(lprobs) == 1 else log_mean_exp(torch.stack(lprobs, dim=0), dim=0)
+        self._flag_nonfinite(out)
+        return out
+
+    def _flag_nonfinite(self, lprobs: Tensor) -> None:
+        # NaN and +inf (-inf is a log-probability of 0); a device tensor, so no host sync here
+        bad = ~(lprobs < math.inf).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+
+    def take_nonfinite(self) -> bool:
+        """Whether an output since the last call held NaN or +inf; resets the flag (one host sync)."""
+        flag, self._nonfinite = self._nonfinite, None
+        return bool(flag) if flag is not None else False
 
     @torch.no_grad()
     def __call__(self, net_input: Dict[str, Tensor], prev_output_tokens: Optional[Tensor] = None) -> Tensor:
@@ -137,6 +159,50 @@ def _teacher_dict_files(state_cfg, path: str, teacher_data_dir: Optional[str], s
                 f"pass --teacher-data-dir DIR pointing at the teacher's binarized data"
             )
     return files
+
+
+def dictionary_sha256(path: str) -> str:
+    """The sha256 of a ``dict.*.txt`` file (recorded in the checkpoints of the distillation tasks)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_recorded_dictionaries(state, path: str, files: Sequence[str]) -> None:
+    """When ``state`` (a checkpoint) records the sha256 of its dictionaries, ``files`` must still match."""
+    recorded = (state.get("task_state") or {}).get("dictionary_sha256") or {}
+    for f in files:
+        expected = recorded.get(os.path.basename(f))
+        if expected is not None and dictionary_sha256(f) != expected:
+            raise DistillationError(
+                f"teacher dictionary {f} changed after teacher {path} was trained (its sha256 differs from the "
+                f"one recorded in the checkpoint): restore the dictionary the teacher was trained with, or "
+                f"pass --teacher-data-dir DIR holding it"
+            )
+
+
+def check_teacher_parameters(state, path: str, task) -> None:
+    """Embedding / output sizes against the task's dictionaries, and finite parameters."""
+    params = state.get("model") or {}
+    if not params:
+        raise DistillationError(f"teacher checkpoint {path} holds no model parameters; pass a fairseq checkpoint")
+    sizes = (
+        ("encoder.embed_tokens.weight", task.source_dictionary, "source"),
+        ("decoder.embed_tokens.weight", task.target_dictionary, "target"),
+        ("decoder.output_projection.weight", task.target_dictionary, "target"),
+    )
+    for key, dictionary, side in sizes:
+        weight = params.get(key)
+        if weight is not None and weight.dim() >= 1 and weight.size(0) != len(dictionary):
+            raise DistillationError(
+                f"teacher {path}: {key} has {weight.size(0)} rows but the task's {side} dictionary has "
+                f"{len(dictionary)} symbols; the teacher was trained on other data: binarize with its "
+                f"dictionaries (fairseq-preprocess --srcdict/--tgtdict) or use a matching teacher"
+            )
+    for key, value in params.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise DistillationError(
+                f"teacher {path}: parameter {key} holds NaN or inf values; use an earlier checkpoint of the teacher"
+            )
 
 
 def load_teacher(
@@ -174,9 +240,13 @@ def load_teacher(
     loaded = []
     for path in paths:
         state = load_checkpoint_state(path)
-        cfg = state["cfg"]
+        cfg = state.get("cfg") if isinstance(state, dict) else None
+        if cfg is None or cfg.get("model") is None:
+            raise DistillationError(f"teacher checkpoint {path} has no model config; pass a fairseq checkpoint")
+        check_teacher_parameters(state, path, task)
         if check_dictionaries:
             t_src_file, t_tgt_file = _teacher_dict_files(cfg, path, teacher_data_dir, src, tgt)
+            check_recorded_dictionaries(state, path, (t_src_file, t_tgt_file))
             for task_dict, lang, t_file in (
                 (task.source_dictionary, src, t_src_file),
                 (task.target_dictionary, tgt, t_tgt_file),
@@ -188,7 +258,14 @@ def load_teacher(
                     t_file,
                 )
         model = models.build_model(cfg.model, task)
-        model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+        try:
+            model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise DistillationError(
+                f"teacher {path} does not fit its recorded architecture ({first[0][:160] if first else e}); "
+                f"pass a checkpoint written by fairseq-train"
+            )
         loaded.append(model)
         logger.info("loaded teacher %s (%d parameters)", path, sum(p.numel() for p in model.parameters()))
     return TeacherEnsemble(loaded, precision=precision, paths=paths)

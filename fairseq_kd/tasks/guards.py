@@ -1,0 +1,99 @@
+"""Checks and training state shared by the distillation tasks.
+
+* **data parallelism**: a criterion that calls the student's encoder and
+  decoder separately (``calls_model_parts = True``: ``tie_kd``,
+  ``hybrid_gated_kd``) bypasses the forward of torch's
+  ``DistributedDataParallel``, whose gradient all-reduce then never runs; the
+  first training step under that wrapper stops with one line naming
+  ``--ddp-backend legacy_ddp`` (fairseq's own wrapper, which all-reduces the
+  gradients after the backward whatever the forward did), before any update.
+* **non-finite teacher output**: every teacher forward sets a device flag
+  (:meth:`fairseq_kd.teacher.TeacherEnsemble.take_nonfinite`); the task reads
+  it once per step, *after* the backward has been queued.  On a GPU that read
+  waits for the backward to finish -- which fairseq's trainer waits for anyway
+  right after, when it checks that the gradient norm is finite -- so it adds
+  no stall of its own, whereas checking each teacher output where it is
+  computed would stop the host in the middle of every forward.  The step that
+  produced the first NaN / inf stops training with one line naming the
+  teacher, the update and the first sample ids, before the optimizer applies
+  it (fairseq would otherwise die on NaN gradients with a traceback, or -- when
+  the NaN only reaches a discrete choice such as an argmax -- train on).
+* **dictionaries**: the sha256 of the task's ``dict.{src,tgt}.txt`` is saved
+  in the checkpoint's ``task_state``, so a teacher trained with these tasks
+  is later refused if its dictionaries were regenerated
+  (:func:`fairseq_kd.teacher.ensemble.check_recorded_dictionaries`).
+* **criterion state**: fairseq saves a criterion's ``state_dict`` only when
+  the criterion has parameters and never restores ``task_state`` into the
+  trainer's task; a criterion with other training state (``selective_kd``'s
+  global queue) exposes ``kd_state_dict`` / ``load_kd_state_dict``, saved in
+  ``task_state["criterion"]`` and handed back on resume by the wrapped
+  ``Trainer.load_checkpoint`` (:func:`fairseq_kd.checkpoints.install_fairseq_loader`).
+"""
+
+import logging
+import os
+from typing import Dict
+
+from fairseq_kd.criterions.base import wrapped_in_torch_ddp
+from fairseq_kd.errors import DistillationError
+
+logger = logging.getLogger(__name__)
+
+
+def check_data_parallel(criterion, model) -> None:
+    """Refuse torch's DDP for a criterion that bypasses its forward."""
+    if getattr(criterion, "calls_model_parts", False) and wrapped_in_torch_ddp(model):
+        name = type(criterion).__name__
+        raise DistillationError(
+            f"{name} calls the student's encoder and decoder separately, which bypasses the gradient "
+            f"all-reduce of torch's DistributedDataParallel: train with --ddp-backend legacy_ddp"
+        )
+
+
+def check_teacher_output(teacher, sample, update_num: int) -> None:
+    """Stop at the first step whose teacher output held NaN or +inf (reads the teacher's flag)."""
+    # a cached teacher has no live output to check (the cache build checks what it stores)
+    if teacher is None or not hasattr(teacher, "take_nonfinite") or not teacher.take_nonfinite():
+        return
+    ids = sample.get("id") if isinstance(sample, dict) else None
+    first = ids[:5].tolist() if ids is not None and hasattr(ids, "tolist") else []
+    paths = ":".join(teacher.paths) or "the teacher"
+    raise DistillationError(
+        f"teacher {paths} produced NaN/inf log-probabilities at update {update_num + 1} "
+        f"(batch of sample ids {first}...): check the teacher checkpoint, or use --teacher-precision fp32"
+    )
+
+
+def dictionary_hashes(task) -> Dict[str, str]:
+    """``{"dict.en.txt": sha256, ...}`` of the task's source and target dictionaries."""
+    from fairseq_kd.teacher.ensemble import dictionary_sha256
+
+    data_dir = str(task.cfg.data).split(":")[0]
+    hashes = {}
+    for lang in (task.cfg.source_lang, task.cfg.target_lang):
+        path = os.path.join(data_dir, f"dict.{lang}.txt")
+        if lang and os.path.isfile(path):
+            hashes[os.path.basename(path)] = dictionary_sha256(path)
+    return hashes
+
+
+def training_state(task, criterion) -> Dict:
+    """What the task adds to fairseq's ``task_state``."""
+    state = {"dictionary_sha256": dictionary_hashes(task)}
+    kd_state = getattr(criterion, "kd_state_dict", None)
+    if kd_state is not None:
+        state["criterion"] = kd_state()
+    return state
+
+
+def restore_training_state(task_state: Dict, criterion) -> None:
+    """Hand ``task_state["criterion"]`` back to the criterion on resume."""
+    load = getattr(criterion, "load_kd_state_dict", None)
+    if load is None:
+        return
+    saved = task_state.get("criterion")
+    if saved is None:
+        logger.warning("the checkpoint holds no state of criterion %s: it starts empty", type(criterion).__name__)
+        return
+    load(saved)
+    logger.info("restored the training state of criterion %s from the checkpoint", type(criterion).__name__)
