@@ -435,6 +435,16 @@ def test_prepare_holds_out_the_end_of_valid_as_test(tmp_path):
 # ---- run.sh: the real CPU-scale pipeline ------------------------------------------------------------------
 
 
+def started(stdout):
+    """The stages a recipe ran (``== stage k/N NAME (started ...``), in order."""
+    return re.findall(r"^== stage \d+/\d+ (\w+) \(started", stdout, flags=re.M)
+
+
+def skipped(stdout):
+    """The stages a recipe found up to date."""
+    return re.findall(r"^== stage \d+/\d+ (\w+): up to date, skipped", stdout, flags=re.M)
+
+
 def run_recipe(script, args, env, timeout=300):
     return subprocess.run(["bash", script, *map(str, args)], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=timeout)
@@ -448,8 +458,8 @@ def test_wmt_run_en_ro_cpu_scale_end_to_end_and_skips_finished_stages(tmp_path):
     args = ["--pair", "en-ro", "--scale", "cpu", "--students", "baseline", "--work", work]
     proc = run_recipe(WMT_RUN, args, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M)
-    assert stages == ["prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline"]
+    stages = started(proc.stdout)
+    assert stages == ["prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline", "score"]
     assert read(work / "data" / "raw" / "test.ro") == shared_lines("tatoeba_en_ro", "test.ro")[:50]
     assert len(read(work / "data" / "raw" / "train.en")) == 300
     for name in ("teacher", "student_baseline"):
@@ -464,8 +474,8 @@ def test_wmt_run_en_ro_cpu_scale_end_to_end_and_skips_finished_stages(tmp_path):
     mtimes = [os.path.getmtime(p) for p in checkpoints]
     proc = run_recipe(WMT_RUN, args, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    skipped = re.findall(r"^== \[(\w+)\] finished before, skipped", proc.stdout, flags=re.M)
-    assert skipped == ["prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline"]
+    assert skipped(proc.stdout) == ["prepare", "teacher", "translate_teacher", "student_baseline",
+                                    "translate_student_baseline", "score"]
     assert [os.path.getmtime(p) for p in checkpoints] == mtimes
     assert (work / "results.md").read_text() == table
 
@@ -605,12 +615,12 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
             "--data-root", data_root, "--checksums", manifest, "--rounds", "2", "--unlabeled", unlabeled]
     proc = run_recipe(WMT_RUN, args, fake.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M)
+    stages = started(proc.stdout)
     assert stages == [
         "prepare_wmt", "prepare", "teacher", "translate_teacher",
         "student_baseline", "average_student_baseline", "translate_student_baseline",
         "decode_train_with_teacher", "student_seq_kd", "average_student_seq_kd", "translate_student_seq_kd",
-        "student_tie_kd", "average_student_tie_kd", "translate_student_tie_kd", "iterate",
+        "student_tie_kd", "average_student_tie_kd", "translate_student_tie_kd", "score", "iterate",
     ]
 
     (wmt,) = fake.calls("fairseq_kd.wmt", "prepare")
@@ -638,19 +648,23 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
     assert tie.items() >= {**student, "--task": "distillation_translation", "--criterion": "tie_kd",
                            "--kd-alpha": "0.5", "--tie-topk": "5", "--tie-iterations": "3",
                            "--teacher-path": str(work / "teacher" / "checkpoint_best.pt"),
-                           "--teacher-precision": "fp16"}.items()
+                           "--ddp-backend": "legacy_ddp"}.items()
+    assert "--teacher-precision" not in tie  # the teacher runs in fp32 unless asked
     assert train_flags(fake, "student_seq_kd")["--teacher-target-subset"] == "train_teacher"
 
     decodes = [flags(c["argv"]) for c in fake.calls("fairseq_kd.decoding", "decode")]
-    assert sorted(int(d["--shard-id"]) for d in decodes) == list(range(8))
-    assert all(d["--beam"] == "5" and d["--num-shards"] == "8" and d["--teacher-precision"] == "fp16" for d in decodes)
+    # one shard per GPU (here one), fp32 teacher, fairseq's default length cap
+    assert sorted(int(d["--shard-id"]) for d in decodes) == [0]
+    assert all(d["--beam"] == "5" and d["--num-shards"] == "1" and "--teacher-precision" not in d
+               and "--max-len-a" not in d and "--max-len-b" not in d for d in decodes)
     averages = [flags(c["argv"]) for c in fake.calls("fairseq_kd.wmt", "average")]
     assert [(a["--dir"], a["--last"], a["--upper-bound"]) for a in averages] == [
         (str(work / f"student_{s}"), "5", "200000") for s in ("baseline", "seq_kd", "tie_kd")]
     generates = [flags(c["argv"]) for c in fake.calls("fairseq_cli.generate")]
     assert [g["--path"] for g in generates] == [str(work / "teacher" / "checkpoint_best.pt")] + [
         str(work / f"student_{s}" / "checkpoint_avg.pt") for s in ("baseline", "seq_kd", "tie_kd")]
-    assert all(g["--beam"] == "4" and g["--lenpen"] == "0.6" and "--cpu" not in g for g in generates)
+    assert all(g["--beam"] == "4" and g["--lenpen"] == "0.6" and "--cpu" not in g and "--max-len-a" not in g
+               for g in generates)
     assert read(work / "results.md")[2:] == [f"| {n} | 1.00 | 2.00 |" for n in
                                              ("teacher", "student baseline", "student seq_kd", "student tie_kd")]
 
@@ -661,16 +675,17 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
     assert it["UPDATES_PER_ROUND"] == "200000" and it["ON_DEGENERATE"] == "drop" and it["WORK"] == str(work / "iterate")
     assert "--arch transformer " in it["ARCH_ARGS"] and "--lr 7e-4" in it["ARCH_ARGS"] and "\n" not in it["ARCH_ARGS"]
     assert "--fp16" in it["TRAIN_ARGS"] and "--update-freq 8" in it["TRAIN_ARGS"]
+    assert "--ddp-backend legacy_ddp" in it["TRAIN_ARGS"]
 
     # a re-run skips every stage; iterate.sh (its own per-round state) is called again to resume or add rounds
     n_calls = len(fake.calls())
     proc = run_recipe(WMT_RUN, args, fake.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.findall(r"^== \[(\w+)\] finished before, skipped", proc.stdout, flags=re.M) == stages[1:-1]
-    assert re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M) == ["prepare_wmt", "iterate"]
+    assert skipped(proc.stdout) == stages[1:-1]
+    assert started(proc.stdout) == ["prepare_wmt", "iterate"]
     new = [c["argv"] for c in fake.calls()[n_calls:]]
-    # only prepare-wmt (skips its finished steps itself, verifies the pins again) and the table again
-    assert [a[:3] for a in new if a[0] == "-m"] == [["-m", "fairseq_kd.wmt", "prepare"], ["-m", "fairseq_kd.scoring", "table"]]
+    # only prepare-wmt (skips its finished steps itself, verifies the pins again); the table is up to date
+    assert [a[:3] for a in new if a[0] == "-m"] == [["-m", "fairseq_kd.wmt", "prepare"]]
     assert len(fake.iterate_calls()) == 2
 
 
@@ -732,11 +747,11 @@ def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
     work = tmp_path / "work"
     proc = run_recipe(MULTI30K_RUN, ["--work", work], fake.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M) == [
+    assert started(proc.stdout) == [
         "prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline",
         "student_word_kd", "translate_student_word_kd", "decode_train_with_teacher", "student_seq_kd",
         "translate_student_seq_kd", "student_self_evolution_kd", "translate_student_self_evolution_kd",
-        "student_hybrid_gated_kd", "translate_student_hybrid_gated_kd"]
+        "student_hybrid_gated_kd", "translate_student_hybrid_gated_kd", "score"]
     assert proc.stdout.strip().endswith(f"results: {work}/results.md")
     (prep,) = fake.calls("fairseq_kd.prepare")
     assert flags(prep["argv"]) == {"--corpus": "multi30k_en_de", "--data-root": os.path.join(REPO, "..", "shared", "data"),
