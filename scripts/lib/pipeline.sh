@@ -126,6 +126,10 @@ pipeline_setup() {
         teacher_checkpoint "$TEACHER_DIR"
     fi
     [[ $SEGMENTATION == spm || $SEGMENTATION == bpe ]] || die "SEGMENTATION must be spm or bpe, got $SEGMENTATION"
+    if (( NODE_RANK > 0 )); then  # torchrun, node r > 0: train and decode with node 0, which does the rest
+        STAGE_FOLLOWER=1
+        STAGE_SHARED='^(teacher|student_.*|decode_train_with_teacher|build_teacher_cache)$'
+    fi
     PIPELINE_READY=1
 }
 
@@ -358,10 +362,6 @@ pipeline_plan() {  # the stages of this run, in order, with the stages each one 
 
 pipeline_run() {
     pipeline_setup
-    if (( NODE_RANK > 0 )); then  # torchrun, node r > 0: train and decode with node 0, which does the rest
-        STAGE_FOLLOWER=1
-        STAGE_SHARED='^(teacher|student_.*|decode_train_with_teacher|build_teacher_cache)$'
-    fi
     pipeline_plan
     run_plan
     [[ $DRY_RUN == 1 ]] || echo "results: $WORK/results.md"
