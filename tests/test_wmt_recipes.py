@@ -790,3 +790,71 @@ def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
                              "--required-batch-size-multiple": "1", "--remove-bpe": "sentencepiece", "--cpu": True}.items()
                for g in generates)
     assert not fake.calls("fairseq_kd.wmt")
+
+
+def test_prepare_wmt_refuses_a_corrupted_archive(en_ro_world, tmp_path):
+    """A truncated download (no pins given) is refused when read, with the file and the fix; nothing is built."""
+    world = en_ro_world
+    with open(world.ep_archive, "rb") as f:
+        payload = f.read()
+    with open(world.ep_archive, "wb") as f:
+        f.write(payload[: len(payload) // 2])
+    out = tmp_path / "corrupt"
+    line = error_line(world.prepare("--pair", "en-ro", "--out", out))
+    archive = str(out / "orig" / "training-parallel-ep-v8.tgz")
+    assert f"cannot read {archive}" in line and "delete it and re-run" in line
+    assert not (out / "train.en").exists() and not (out / "train.ro").exists()
+    # pinned to the good archive's hash: the corrupted download is refused before it is even opened
+    good = tmp_path / "good.tgz"
+    good.write_bytes(payload)
+    pins = tmp_path / "pins.sha256"
+    pins.write_text(f"{sha256(good)}  training-parallel-ep-v8.tgz\n{sha256(world.st_archive)}  SETIMES2.en-ro.txt.zip\n")
+    os.remove(archive)
+    line = error_line(world.prepare("--pair", "en-ro", "--out", out, "--checksums", pins))
+    assert "training-parallel-ep-v8.tgz" in line and sha256(good) in line and sha256(world.ep_archive) in line
+
+
+# ---- paper-comparable scores ------------------------------------------------------------------------------
+
+
+def test_tokenized_and_compound_split_bleu_match_hand_computed_values(tmp_path):
+    from fairseq_kd import scoring_tok
+
+    # Moses tokens: "Das ist ein gut-gemeinter Rat ." vs "... Vorschlag ." (6 tokens each, brevity 1)
+    # p1..p4 = 5/6, 3/5, 2/4, 1/3 -> BLEU = (1/12) ** (1/4)
+    hyp, ref = ["Das ist ein gut-gemeinter Rat."], ["Das ist ein gut-gemeinter Vorschlag."]
+    assert scoring_tok.moses_tokenize(hyp, "de") == ["Das ist ein gut-gemeinter Rat ."]
+    assert scoring_tok.tokenized_bleu(hyp, ref, "de") == pytest.approx(100 * (1 / 12) ** 0.25)
+    # compound split: "gut ##AT##-##AT## gemeinter" -> 8 tokens; p = 7/8, 5/7, 4/6, 3/5 -> (1/4) ** (1/4)
+    assert scoring_tok.tokenized_bleu(hyp, ref, "de", compound_split=True) == pytest.approx(100 * 0.25 ** 0.25)
+    # fairseq's perl rule, s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g: a match consumes its right character
+    assert scoring_tok.split_compounds("a-b-c x-y - z") == "a ##AT##-##AT## b-c x ##AT##-##AT## y - z"
+    # multi-bleu: no smoothing, a missing 4-gram match is BLEU 0; two sentences pooled at corpus level
+    assert scoring_tok.tokenized_bleu(["Hello, world!"], ["Hello, world."], "en") == 0.0
+    two_h = ["a b c d e", "the cat sat on the mat"]
+    two_r = ["a b c d f", "the cat sat on the mat"]
+    # p1 = (4+6)/11, p2 = (3+5)/9, p3 = (2+4)/7, p4 = (1+3)/5
+    expected = 100 * ((10 / 11) * (8 / 9) * (6 / 7) * (4 / 5)) ** 0.25
+    assert scoring_tok.tokenized_bleu(two_h, two_r, "en") == pytest.approx(expected)
+
+    # the table labels each score; COMET without the package is skipped with a message
+    ref_file, hyp_file = tmp_path / "ref.de", tmp_path / "hyp.de"
+    ref_file.write_text("\n".join(ref) + "\n")
+    hyp_file.write_text("\n".join(hyp) + "\n")
+    src_file = tmp_path / "src.en"
+    src_file.write_text("That is well-meant advice.\n")
+    proc = cli.run("fairseq_kd.scoring", ["table", "--ref", ref_file, "--system", f"sys={hyp_file}", "--lang", "de",
+                                          "--tokenized", "--compound-split", "--comet-model", tmp_path / "none.ckpt",
+                                          "--src", src_file, "--markdown", tmp_path / "t.md"])
+    table = (tmp_path / "t.md").read_text()
+    assert "| system | BLEU | chrF | tok. BLEU | comp.-split BLEU |" in table
+    assert f"| {100 * (1 / 12) ** 0.25:.2f} | {100 * 0.25 ** 0.25:.2f} |" in table
+    assert "multi-bleu.perl" in table and "compound_split_bleu.sh" in table
+    assert "COMET: skipped, unbabel-comet is not installed" in table and "COMET skipped" in proc.stdout
+
+
+def test_extract_detokenizes_moses_output(tmp_path):
+    gen = tmp_path / "gen.out"
+    gen.write_text("D-1\t-0.1\tEr sagte &quot; ja &quot; .\nD-0\t-0.2\tDas ist gut-gemeint , oder ?\n")
+    cli.run("fairseq_kd.scoring", ["extract", gen, tmp_path / "hyp", "--expect-lines", "2", "--detokenize", "de"])
+    assert read(tmp_path / "hyp") == ["Das ist gut-gemeint, oder?", 'Er sagte "ja".']
