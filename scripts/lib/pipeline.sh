@@ -61,6 +61,7 @@ PIPELINE_VARS=(RECIPE REPO WORK PYTHON CORPUS DATA_ROOT SRC TGT TRAIN_LINES VALI
 ALL_STUDENTS="baseline word_kd seq_kd tie_kd self_evolution_kd hybrid_gated_kd"
 # shellcheck disable=SC2034  # teacher_args / student_args are read through train()'s nameref
 train_args=() teacher_args=() student_args=() decode_args=() test_decode_args=() device=() teacher_precision=()
+teacher_data=()
 
 # shellcheck source=stages.sh
 source "$(dirname "${BASH_SOURCE[0]}")/stages.sh"
@@ -120,6 +121,8 @@ pipeline_setup() {
     if [[ ${device[*]} != --cpu && $FP16 == 1 ]]; then train_args+=(--fp16); fi
     teacher_precision=()
     [[ $TEACHER_PRECISION == fp32 ]] || teacher_precision=(--teacher-precision "$TEACHER_PRECISION")
+    teacher_data=()
+    [[ -z $TEACHER_DIR ]] || teacher_data=(--teacher-data-dir "$TEACHER_DIR")
     TEACHER_CKPT=$WORK/teacher/checkpoint_best.pt
     if [[ -n $TEACHER_DIR ]]; then
         SEGMENTATION=bpe
@@ -239,6 +242,7 @@ train_teacher() {
 train_student() {  # train_student NAME
     local name=$1
     local kd=(--task distillation_translation --teacher-path "$TEACHER_CKPT" "${teacher_precision[@]}")
+    if [[ -n $TEACHER_DIR ]]; then kd+=(--teacher-data-dir "$TEACHER_DIR"); fi  # its dict.*.txt
     if [[ $TEACHER_CACHE == 1 ]]; then kd+=(--teacher-cache "$WORK/teacher_cache"); fi
     case $name in
         baseline) set -- --task distillation_translation --criterion label_smoothed_cross_entropy --label-smoothing 0.1 ;;
@@ -259,7 +263,7 @@ decode_train_with_teacher() {  # Seq-KD data: the teacher's translations of the 
     BEAM=$TRAIN_BEAM NUM_SHARDS=$NUM_SHARDS SHARD_IDS=$SHARD_IDS PARALLEL=$SHARD_PARALLEL GPUS=$SHARD_GPUS \
         LAUNCH=$SHARD_LAUNCH SBATCH_ARGS=$SBATCH_ARGS WAIT_SHARDS=$([[ $NODES -gt 1 ]] && echo 604800 || echo 0) \
         WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
-        DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${decode_args[*]}" DRY_RUN=$DRY_RUN \
+        DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${teacher_data[*]} ${decode_args[*]}" DRY_RUN=$DRY_RUN \
         NO_MERGE=$([[ $NODE_RANK -gt 0 ]] && echo 1 || echo 0) \
         bash "$REPO/scripts/decode_teacher.sh" "$BIN" "$TEACHER_CKPT" train_teacher
     require_file "$out" "the teacher decoding did not finish; re-run to resume it"
@@ -271,7 +275,7 @@ build_teacher_cache() {  # the offline teacher cache, one shard per GPU / array 
     shard_setup
     split_words extra "$CACHE_ARGS"
     launch_shards "$NUM_SHARDS" "$SHARD_IDS" "$PYTHON" -m fairseq_kd.cache build --data "$BIN" \
-        --path "$TEACHER_CKPT" --out-dir "$WORK/teacher_cache" "${device[@]}" "${teacher_precision[@]}" "${extra[@]}"
+        --path "$TEACHER_CKPT" --out-dir "$WORK/teacher_cache" "${device[@]}" "${teacher_precision[@]}" "${teacher_data[@]}" "${extra[@]}"
     if (( NODES > 1 && NODE_RANK == 0 )); then
         wait_for_shards "$WORK/teacher_cache/shard%03d-of-%03d.done" "$NUM_SHARDS" 604800 || die "teacher cache shards missing"
     fi
