@@ -6,16 +6,17 @@
 #
 # Stages (scripts/lib/pipeline.sh, shared with the main job): [prepare_wmt] -> prepare -> teacher ->
 # translate_teacher -> [decode_train_with_teacher] -> per student: student_NAME [-> average_student_NAME]
-# -> translate_student_NAME -> sacrebleu table WORK/results.md -> [iterative rounds, scripts/iterate.sh].
-# A finished stage is skipped on a re-run (remove WORK/stages/NAME.done to redo one); prepare-wmt.sh
-# and iterate.sh keep their own state and skip their finished steps themselves.
+# -> translate_student_NAME -> score (WORK/results.md) -> [iterative rounds, scripts/iterate.sh].
+# A finished stage records the settings it ran with (WORK/stages/NAME.done): a re-run skips it while
+# they match, and redoes it and every stage downstream when one changed; prepare-wmt.sh and iterate.sh
+# keep their own state and skip their finished steps themselves.
 #
 # --scale cpu   real data from --data-root (default ../shared/data), tiny models, a few hundred updates:
 #               en-de opennmt_toy_en_de (WMT news domain; it has no test split: the last 1000 lines of its
 #               valid set, newstest2012, are held out as the test set), en-fr multi30k_en_fr, en-ro tatoeba_en_ro.
 # --scale full  the WMT corpus built by prepare-wmt.sh under --data-root (default work/corpora) and the
-#               TIE-KD paper's settings: transformer_vaswani_wmt_en_de_big teacher (300k updates), Transformer
-#               base students (200k updates, last 5 checkpoints averaged), beam 4, lenpen 0.6.  GPUs needed.
+#               TIE-KD paper's settings: transformer_vaswani_wmt_en_de_big teacher, Transformer base
+#               students (last 5 checkpoints averaged), beam 4, lenpen 0.6; the pair's preset.  GPUs needed.
 # --students    any of: baseline word_kd seq_kd tie_kd self_evolution_kd hybrid_gated_kd (default: all six)
 # --checksums   sha256 manifest of the WMT archives (--scale full), see examples/wmt14/README.md
 # --rounds N    also run N rounds of iterative distillation on source-only text (--unlabeled FILE; at
