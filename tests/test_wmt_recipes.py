@@ -865,29 +865,26 @@ def test_extract_detokenizes_moses_output(tmp_path):
 
 @pytest.mark.e2e
 def test_moses_bpe_path_and_teacher_dir_end_to_end(tmp_path):
-    """A tiny teacher trained by the Moses + BPE path, saved in the layout of fairseq's published models
+    """A tiny teacher trained on the data of the Moses + BPE path, saved in the layout of fairseq's published models
     (model.pt, dict.en.txt, dict.ro.txt, bpecodes), then used through --teacher-dir: the students' data are
     binarized with its BPE codes and dictionaries, so the live teacher's dictionary check passes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRAIN_LINES="300", VALID_LINES="30", TEST_LINES="30",
-               TEACHER_UPDATES="4", STUDENT_UPDATES="3", TEST_BEAM="1")
+    from fairseq_kd.prepare_bpe import prepare_bpe
+
     first = tmp_path / "first"
-    proc = run_recipe(WMT_RUN, ["--pair", "en-ro", "--scale", "cpu", "--students", "baseline", "--work", first,
-                                "--segmentation", "bpe", "--set", "BPE_MERGES=400"], env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert started(proc.stdout) == ["prepare", "teacher", "translate_teacher", "student_baseline",
-                                    "translate_student_baseline", "score"]
-    codes = read(first / "data" / "bpecodes")
+    bin_dir = prepare_bpe("tatoeba_en_ro", DATA, "en", "ro", str(first), train_lines=300, valid_lines=30,
+                          test_lines=30, merges=400)
+    codes = read(first / "bpecodes")
     assert len(codes) == 401 and codes[0].startswith("#version")  # 400 merges and subword-nmt's header
-    bpe_train = read(first / "data" / "bpe_text" / "train.ro")
+    bpe_train = read(first / "bpe_text" / "train.ro")
     assert any("@@ " in line for line in bpe_train)
-    raw_train = read(first / "data" / "raw" / "train.ro")
-    assert len(raw_train) == len(bpe_train) == len(read(first / "data" / "raw" / "train.en"))
+    raw_train = read(first / "raw" / "train.ro")
+    assert len(raw_train) == len(bpe_train) == len(read(first / "raw" / "train.en"))
     assert len(raw_train) <= 300  # the length filter after BPE keeps the raw text aligned
-    assert read(first / "data" / "raw" / "test.ro") == shared_lines("tatoeba_en_ro", "test.ro")[:30]
-    hyps = read(first / "teacher.test.hyp")
-    assert len(hyps) == 30 and not any("@@" in h or "&apos;" in h or "&quot;" in h for h in hyps)
-    table = (first / "results.md").read_text()
-    assert "| system | BLEU | chrF | tok. BLEU |" in table and "comp.-split" not in table  # no compounds for en-ro
+    assert read(first / "raw" / "test.ro") == shared_lines("tatoeba_en_ro", "test.ro")[:30]
+    cli.train(bin_dir, first / "teacher", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+              "--max-update", "4")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRAIN_LINES="300", VALID_LINES="30", TEST_LINES="30",
+               STUDENT_UPDATES="3", TEST_BEAM="1")
 
     published = tmp_path / "ro-teacher"  # fairseq's published layout
     published.mkdir()
@@ -895,8 +892,8 @@ def test_moses_bpe_path_and_teacher_dir_end_to_end(tmp_path):
 
     shutil.copyfile(first / "teacher" / "checkpoint_best.pt", published / "model.pt")
     for name in ("dict.en.txt", "dict.ro.txt"):
-        shutil.copyfile(first / "data" / "bin" / name, published / name)
-    shutil.copyfile(first / "data" / "bpecodes", published / "bpecodes")
+        shutil.copyfile(first / "bin" / name, published / name)
+    shutil.copyfile(first / "bpecodes", published / "bpecodes")
     shutil.rmtree(first)  # the teacher's own data directory is gone, as with a download
 
     second = tmp_path / "second"
@@ -907,7 +904,11 @@ def test_moses_bpe_path_and_teacher_dir_end_to_end(tmp_path):
     for name in ("dict.en.txt", "dict.ro.txt"):
         assert read(second / "data" / "bin" / name) == read(published / name)
     assert read(second / "data" / "bpecodes") == read(published / "bpecodes")
-    assert read(second / "teacher.test.hyp") == hyps  # the same teacher on the same test text
+    assert read(second / "data" / "bpe_text" / "train.ro") == bpe_train  # the same segmentation
+    hyps = read(second / "teacher.test.hyp")  # Moses-detokenized, BPE removed
+    assert len(hyps) == 30 and not any("@@" in h or "&apos;" in h or "&quot;" in h for h in hyps)
+    table = (second / "results.md").read_text()
+    assert "| system | BLEU | chrF | tok. BLEU |" in table and "comp.-split" not in table  # no compounds for en-ro
     log = (second / "student_word_kd.train.log").read_text()
     assert "done training" in log and str(published / "model.pt") in log
     assert len(read(second / "student_word_kd.test.hyp")) == 30

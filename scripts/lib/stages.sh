@@ -136,7 +136,8 @@ stage() {  # stage K N NAME DEPS CMD...
         why=$(why_redo "$marker" "$own" "$full" "$name")
         if [[ -z $why ]]; then
             echo "== stage $k/$n $name: up to date, skipped"
-            [[ -n $(sed -n 's/^key //p' "$marker") ]] || stage_mark "$marker" "$own" "$full" "$deps"
+            if [[ $DRY_RUN == 1 ]]; then "$@"; fi  # its commands, for the record
+            [[ $DRY_RUN == 1 || -n $(sed -n 's/^key //p' "$marker") ]] || stage_mark "$marker" "$own" "$full" "$deps"
             STAGE_TIMES+=("$name skipped")
             return 0
         fi
