@@ -465,9 +465,12 @@ def test_wmt_run_en_ro_cpu_scale_end_to_end_and_skips_finished_stages(tmp_path):
     for name in ("teacher", "student_baseline"):
         assert len(read(work / f"{name}.test.hyp")) == 50
     table = (work / "results.md").read_text()
-    rows = re.findall(r"^\| (teacher|student baseline) \| (\d+\.\d\d) \| (\d+\.\d\d) \|$", table, flags=re.M)
+    # BLEU, chrF and the papers' tokenized BLEU (no compound splitting for en-ro)
+    rows = re.findall(r"^\| (teacher|student baseline) \| (\d+\.\d\d) \| (\d+\.\d\d) \| (\d+\.\d\d) \|$", table,
+                      flags=re.M)
     assert [r[0] for r in rows] == ["teacher", "student baseline"]
     assert "sacrebleu: nrefs:1" in table and str(work / "data" / "raw" / "test.ro") in table
+    assert "| system | BLEU | chrF | tok. BLEU |" in table
     assert "add --rounds N" in proc.stdout
 
     checkpoints = [work / d / f for d in ("teacher", "student_baseline") for f in ("checkpoint_best.pt", "checkpoint_last.pt")]
