@@ -28,14 +28,16 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece>=0.1.97",
         "subword-nmt>=0.3.8",
+        "sacremoses>=0.0.53",
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "comet": ["unbabel-comet>=2.0"]},
     # the command-line tools, named in fairseq's style; each is also `python -m MODULE`
     entry_points={
         "console_scripts": [
             "fairseq-kd-prepare = fairseq_kd.prepare:main",
+            "fairseq-kd-prepare-bpe = fairseq_kd.prepare_bpe:main",
             "fairseq-kd-prepare-unlabeled = fairseq_kd.unlabeled:main",
             "fairseq-kd-wmt = fairseq_kd.wmt.cli:main",
             "fairseq-kd-decode = fairseq_kd.decoding.cli:main",

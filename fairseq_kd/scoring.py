@@ -9,7 +9,10 @@
 ``extract`` takes the ``D-`` lines (detokenized, BPE removed when
 ``fairseq-generate`` was given ``--remove-bpe``), sorts them by sentence id,
 and checks that every id from 0 to N-1 is present exactly once.  ``table``
-prints corpus BLEU and chrF for each system with the sacrebleu signatures.
+prints corpus BLEU and chrF for each system with the sacrebleu signatures; ``--tokenized --lang L``
+adds the papers' tokenized BLEU, ``--compound-split`` their compound-split BLEU (En-De), and
+``--comet-model PATH --src SRC`` COMET (:mod:`fairseq_kd.scoring_tok`).  ``extract --detokenize L``
+Moses-detokenizes Moses-tokenized output (the Moses + BPE data) for sacreBLEU.
 """
 
 import argparse
@@ -36,8 +39,10 @@ def read_generate_output(path: str, prefix: str = "D") -> Dict[int, str]:
     return hyps
 
 
-def extract(generate_output: str, dest: str, expect_lines: Optional[int] = None) -> int:
-    """Write the hypotheses of ``generate_output`` to ``dest`` in source order."""
+def extract(generate_output: str, dest: str, expect_lines: Optional[int] = None,
+            detokenize: Optional[str] = None) -> int:
+    """Write the hypotheses of ``generate_output`` to ``dest`` in source order (Moses-detokenized
+    in language ``detokenize`` when given)."""
     hyps = read_generate_output(generate_output)
     n = len(hyps) if expect_lines is None else expect_lines
     missing = [i for i in range(n) if i not in hyps]
@@ -48,7 +53,12 @@ def extract(generate_output: str, dest: str, expect_lines: Optional[int] = None)
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}; "
             f"re-run the decode"
         )
-    return write_lines_atomic(dest, (hyps[i] for i in range(n)))
+    ordered = [hyps[i] for i in range(n)]
+    if detokenize:
+        from fairseq_kd.scoring_tok import moses_detokenize
+
+        ordered = moses_detokenize(ordered, detokenize)
+    return write_lines_atomic(dest, ordered)
 
 
 def read_text(path: str) -> List[str]:
@@ -73,16 +83,59 @@ def score(hyp_file: str, ref_file: str) -> Tuple[float, float, str, str]:
     return b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature())
 
 
-def table(ref_file: str, systems: Sequence[Tuple[str, str]]) -> str:
+def table(ref_file: str, systems: Sequence[Tuple[str, str]], lang: Optional[str] = None,
+          tokenized: bool = False, compound_split: bool = False, comet_model: Optional[str] = None,
+          src_file: Optional[str] = None) -> str:
+    from fairseq_kd import scoring_tok
+
+    header, rule = ["system", "BLEU", "chrF"], ["---", "---:", "---:"]
+    if tokenized:
+        header.append("tok. BLEU")
+    if compound_split:
+        header.append("comp.-split BLEU")
+    comet_note = None
+    if comet_model and not scoring_tok.comet_available():
+        comet_note = "COMET: skipped, unbabel-comet is not installed (pip install unbabel-comet)"
+        comet_model = None
+    if comet_model:
+        header.append("COMET")
+    rule += ["---:"] * (len(header) - 3)
+    refs = read_text(ref_file)
+    sources = read_text(src_file) if comet_model else None
     rows, signatures = [], set()
     for name, hyp in systems:
         bleu, chrf, bleu_sig, chrf_sig = score(hyp, ref_file)
-        rows.append(f"| {name} | {bleu:.2f} | {chrf:.2f} |")
+        cells = [name, f"{bleu:.2f}", f"{chrf:.2f}"]
+        hyps = read_text(hyp) if (tokenized or compound_split or comet_model) else None
+        if tokenized or compound_split:
+            tok, split = scoring_tok.paper_scores(hyps, refs, lang, compound_split)
+            if tokenized:
+                cells.append(f"{tok:.2f}")
+            if compound_split:
+                cells.append(f"{split:.2f}")
+        if comet_model:
+            cells.append(f"{scoring_tok.comet_score(comet_model, sources, hyps, refs):.2f}")
+        rows.append("| " + " | ".join(cells) + " |")
         signatures.update([bleu_sig, chrf_sig])
-    lines = ["| system | BLEU | chrF |", "|---|---:|---:|", *rows, ""]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|", *rows, ""]
     lines += [f"sacrebleu: {sig}" for sig in sorted(signatures)]
+    if tokenized:
+        lines.append(f"tok. BLEU: Moses-tokenized ({lang}) hypotheses and reference, sacreBLEU --tokenize none "
+                     "(multi-bleu.perl), as the papers report")
+    if compound_split:
+        lines.append("comp.-split BLEU: tok. BLEU after fairseq's compound_split_bleu.sh rule (a-b -> a ##AT##-##AT## b)")
+    if comet_model:
+        lines.append(f"COMET: {comet_model} (x 100)")
+    if comet_note:
+        lines.append(comet_note)
     lines.append(f"reference: {ref_file}")
     return "\n".join(lines)
+
+
+def scoring_tok_available() -> bool:
+    from fairseq_kd.scoring_tok import comet_available
+
+    return comet_available()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -92,13 +145,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     ex.add_argument("generate_output")
     ex.add_argument("dest")
     ex.add_argument("--expect-lines", type=int, default=None, help="fail unless exactly this many sentences")
+    ex.add_argument("--detokenize", metavar="LANG", default=None, help="Moses-detokenize the hypotheses (Moses + BPE data)")
     tb = sub.add_parser("table", help="BLEU/chrF table of several systems")
     tb.add_argument("--ref", required=True, help="plain-text reference")
     tb.add_argument("--system", action="append", required=True, metavar="NAME=HYP", help="system name and hypothesis file")
     tb.add_argument("--markdown", default=None, help="also write the table to this file")
+    tb.add_argument("--lang", default=None, help="target language (Moses tokenization of the tokenized scores)")
+    tb.add_argument("--tokenized", action="store_true", help="add tokenized BLEU (multi-bleu on Moses tokens)")
+    tb.add_argument("--compound-split", action="store_true", help="add compound-split tokenized BLEU (En-De)")
+    tb.add_argument("--comet-model", default=None, help="a local COMET model: add COMET (needs unbabel-comet, --src)")
+    tb.add_argument("--src", default=None, help="source text of the test set (for COMET)")
     args = parser.parse_args(argv)
     if args.command == "extract":
-        n = extract(args.generate_output, args.dest, args.expect_lines)
+        n = extract(args.generate_output, args.dest, args.expect_lines, args.detokenize)
         print(f"{args.dest}: {n} lines")
         return
     systems = []
@@ -107,7 +166,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise DistillationError(f"--system {item!r}: expected NAME=HYPOTHESIS_FILE")
         name, path = item.split("=", 1)
         systems.append((name, path))
-    text = table(args.ref, systems)
+    if (args.tokenized or args.compound_split) and not args.lang:
+        raise DistillationError("--tokenized / --compound-split need --lang (the target language, e.g. de)")
+    if args.comet_model and not args.src:
+        raise DistillationError("--comet-model needs --src (the source side of the test set)")
+    if args.comet_model and not scoring_tok_available():
+        print("COMET skipped: unbabel-comet is not installed (pip install 'fairseq-kd[comet]')")
+    text = table(args.ref, systems, args.lang, args.tokenized, args.compound_split, args.comet_model, args.src)
     print(text)
     if args.markdown:
         write_lines_atomic(args.markdown, text.split("\n"))

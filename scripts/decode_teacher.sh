@@ -15,7 +15,15 @@
 #   NUM_SHARDS [1]         shards the split is cut into
 #   SHARD_IDS [all]        shards decoded here (e.g. "0 1" on this machine, "2 3" on another;
 #                          merge/binarize run only when every shard is complete)
-#   PARALLEL [1]           shards decoded at the same time on this machine
+#   PARALLEL [1]           CPU shards decoded at the same time on this machine
+#   GPUS []                GPU ids of this machine ("0 1 2 3"): one shard per GPU at a time, each with
+#                          CUDA_VISIBLE_DEVICES set (PARALLEL is then the number of GPUs)
+#   LAUNCH [local]         local | slurm (an `sbatch --wait --array` of one 1-GPU task per shard;
+#                          SBATCH_ARGS [] adds partition, time limit...)
+#   WAIT_SHARDS [0]        seconds to wait for shards decoded elsewhere (other nodes) before the
+#                          merge; 0: when a shard is missing, stop (exit 0) and merge on a later run
+#   NO_MERGE [0]           1: decode this machine's shards only (another machine merges)
+#   DRY_RUN [0]            1: print the commands, run nothing
 #   BEAM [5]  NBEST [1]    beam size; n-best kept (> 1 with SELECT=bleu: Seq-Inter)
 #   SELECT [top]           top | bleu
 #   ON_DEGENERATE [keep]   keep | drop | reference
@@ -44,28 +52,29 @@ WORK=${WORK:-$DATA/$NAME.decode}
 PYTHON=${PYTHON:-python}
 SHARD_IDS=${SHARD_IDS:-$(seq 0 $((NUM_SHARDS - 1)))}
 
-running=()
-for shard in $SHARD_IDS; do
-    # shellcheck disable=SC2086
-    "$PYTHON" -m fairseq_kd.decoding decode --data "$DATA" --split "$SPLIT" --path "$TEACHER" \
-        --out-dir "$WORK" --num-shards "$NUM_SHARDS" --shard-id "$shard" \
-        --beam "$BEAM" --nbest "$NBEST" ${DECODE_ARGS:-} &
-    running+=($!)
-    if [ ${#running[@]} -ge "$PARALLEL" ]; then
-        wait "${running[0]}"
-        running=("${running[@]:1}")
-    fi
-done
-for pid in "${running[@]}"; do
-    wait "$pid"
-done
+# shellcheck source=lib/shards.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/shards.sh"
+read -r -a extra <<< "${DECODE_ARGS:-}"
+SHARD_LAUNCH=${LAUNCH:-local} SHARD_GPUS=${GPUS:-} SHARD_PARALLEL=$PARALLEL \
+    launch_shards "$NUM_SHARDS" "$SHARD_IDS" "$PYTHON" -m fairseq_kd.decoding decode --data "$DATA" \
+    --split "$SPLIT" --path "$TEACHER" --out-dir "$WORK" --beam "$BEAM" --nbest "$NBEST" "${extra[@]}"
 
-for ((shard = 0; shard < NUM_SHARDS; shard++)); do
-    if [ ! -f "$(printf '%s/shard%03d-of-%03d.jsonl' "$WORK" "$shard" "$NUM_SHARDS")" ]; then
-        echo "decode_teacher.sh: shard $shard of $NUM_SHARDS is not complete yet; merge when every shard is done" >&2
+if [[ ${NO_MERGE:-0} == 1 ]]; then  # another node merges
+    exit 0
+fi
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '    %s\n' "$PYTHON -m fairseq_kd.decoding merge --out-dir $WORK --output $WORK/$NAME.txt --select $SELECT --on-degenerate $ON_DEGENERATE ${MERGE_ARGS:-}"
+    printf '    %s\n' "$PYTHON -m fairseq_kd.decoding binarize --data $DATA --split $SPLIT --input $WORK/$NAME.txt --name $NAME"
+    exit 0
+fi
+if ! wait_for_shards "$WORK/shard%03d-of-%03d.jsonl" "$NUM_SHARDS" "${WAIT_SHARDS:-0}"; then
+    if [[ ${WAIT_SHARDS:-0} == 0 ]]; then
+        echo "decode_teacher.sh: not every shard of $NUM_SHARDS is complete yet; merge when every shard is done" >&2
         exit 0
     fi
-done
+    echo "decode_teacher.sh: error: shards still missing after ${WAIT_SHARDS}s (see above); re-run when they are done" >&2
+    exit 1
+fi
 
 # shellcheck disable=SC2086
 "$PYTHON" -m fairseq_kd.decoding merge --out-dir "$WORK" --output "$WORK/$NAME.txt" \

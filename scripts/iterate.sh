@@ -199,6 +199,8 @@ train_round() {
     prev=$(student_of_round $((r - 1)))
     if [[ -n $prev ]]; then extra+=(--finetune-from-model "$prev"); fi
     if [[ $PREFIX_SOURCE == offline ]]; then extra+=(--unlabeled-target-subset "$(labels_of_round "$r")"); fi
+    # iterative_distillation needs fairseq's legacy DDP on more than one GPU (fairseq spawns on every visible one)
+    if [[ " ${train_args[*]} " != *" --ddp-backend "* ]]; then extra+=(--ddp-backend legacy_ddp); fi
     mkdir -p "$dir/checkpoints"
     echo "==== attempt $(date '+%F %T')" >> "$dir/train.log"
     "$PYTHON" -m fairseq_cli.train "$WORK/data" --user-dir "$USER_DIR" -s "$SRC" -t "$TGT" \

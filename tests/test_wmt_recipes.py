@@ -435,6 +435,16 @@ def test_prepare_holds_out_the_end_of_valid_as_test(tmp_path):
 # ---- run.sh: the real CPU-scale pipeline ------------------------------------------------------------------
 
 
+def started(stdout):
+    """The stages a recipe ran (``== stage k/N NAME (started ...``), in order."""
+    return re.findall(r"^== stage \d+/\d+ (\w+) \(started", stdout, flags=re.M)
+
+
+def skipped(stdout):
+    """The stages a recipe found up to date."""
+    return re.findall(r"^== stage \d+/\d+ (\w+): up to date, skipped", stdout, flags=re.M)
+
+
 def run_recipe(script, args, env, timeout=300):
     return subprocess.run(["bash", script, *map(str, args)], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=timeout)
@@ -448,24 +458,27 @@ def test_wmt_run_en_ro_cpu_scale_end_to_end_and_skips_finished_stages(tmp_path):
     args = ["--pair", "en-ro", "--scale", "cpu", "--students", "baseline", "--work", work]
     proc = run_recipe(WMT_RUN, args, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M)
-    assert stages == ["prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline"]
+    stages = started(proc.stdout)
+    assert stages == ["prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline", "score"]
     assert read(work / "data" / "raw" / "test.ro") == shared_lines("tatoeba_en_ro", "test.ro")[:50]
     assert len(read(work / "data" / "raw" / "train.en")) == 300
     for name in ("teacher", "student_baseline"):
         assert len(read(work / f"{name}.test.hyp")) == 50
     table = (work / "results.md").read_text()
-    rows = re.findall(r"^\| (teacher|student baseline) \| (\d+\.\d\d) \| (\d+\.\d\d) \|$", table, flags=re.M)
+    # BLEU, chrF and the papers' tokenized BLEU (no compound splitting for en-ro)
+    rows = re.findall(r"^\| (teacher|student baseline) \| (\d+\.\d\d) \| (\d+\.\d\d) \| (\d+\.\d\d) \|$", table,
+                      flags=re.M)
     assert [r[0] for r in rows] == ["teacher", "student baseline"]
     assert "sacrebleu: nrefs:1" in table and str(work / "data" / "raw" / "test.ro") in table
+    assert "| system | BLEU | chrF | tok. BLEU |" in table
     assert "add --rounds N" in proc.stdout
 
     checkpoints = [work / d / f for d in ("teacher", "student_baseline") for f in ("checkpoint_best.pt", "checkpoint_last.pt")]
     mtimes = [os.path.getmtime(p) for p in checkpoints]
     proc = run_recipe(WMT_RUN, args, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    skipped = re.findall(r"^== \[(\w+)\] finished before, skipped", proc.stdout, flags=re.M)
-    assert skipped == ["prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline"]
+    assert skipped(proc.stdout) == ["prepare", "teacher", "translate_teacher", "student_baseline",
+                                    "translate_student_baseline", "score"]
     assert [os.path.getmtime(p) for p in checkpoints] == mtimes
     assert (work / "results.md").read_text() == table
 
@@ -605,12 +618,12 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
             "--data-root", data_root, "--checksums", manifest, "--rounds", "2", "--unlabeled", unlabeled]
     proc = run_recipe(WMT_RUN, args, fake.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M)
+    stages = started(proc.stdout)
     assert stages == [
         "prepare_wmt", "prepare", "teacher", "translate_teacher",
         "student_baseline", "average_student_baseline", "translate_student_baseline",
         "decode_train_with_teacher", "student_seq_kd", "average_student_seq_kd", "translate_student_seq_kd",
-        "student_tie_kd", "average_student_tie_kd", "translate_student_tie_kd", "iterate",
+        "student_tie_kd", "average_student_tie_kd", "translate_student_tie_kd", "score", "iterate",
     ]
 
     (wmt,) = fake.calls("fairseq_kd.wmt", "prepare")
@@ -638,19 +651,23 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
     assert tie.items() >= {**student, "--task": "distillation_translation", "--criterion": "tie_kd",
                            "--kd-alpha": "0.5", "--tie-topk": "5", "--tie-iterations": "3",
                            "--teacher-path": str(work / "teacher" / "checkpoint_best.pt"),
-                           "--teacher-precision": "fp16"}.items()
+                           "--ddp-backend": "legacy_ddp"}.items()
+    assert "--teacher-precision" not in tie  # the teacher runs in fp32 unless asked
     assert train_flags(fake, "student_seq_kd")["--teacher-target-subset"] == "train_teacher"
 
     decodes = [flags(c["argv"]) for c in fake.calls("fairseq_kd.decoding", "decode")]
-    assert sorted(int(d["--shard-id"]) for d in decodes) == list(range(8))
-    assert all(d["--beam"] == "5" and d["--num-shards"] == "8" and d["--teacher-precision"] == "fp16" for d in decodes)
+    # one shard per GPU (here one), fp32 teacher, fairseq's default length cap
+    assert sorted(int(d["--shard-id"]) for d in decodes) == [0]
+    assert all(d["--beam"] == "5" and d["--num-shards"] == "1" and "--teacher-precision" not in d
+               and "--max-len-a" not in d and "--max-len-b" not in d for d in decodes)
     averages = [flags(c["argv"]) for c in fake.calls("fairseq_kd.wmt", "average")]
     assert [(a["--dir"], a["--last"], a["--upper-bound"]) for a in averages] == [
         (str(work / f"student_{s}"), "5", "200000") for s in ("baseline", "seq_kd", "tie_kd")]
     generates = [flags(c["argv"]) for c in fake.calls("fairseq_cli.generate")]
     assert [g["--path"] for g in generates] == [str(work / "teacher" / "checkpoint_best.pt")] + [
         str(work / f"student_{s}" / "checkpoint_avg.pt") for s in ("baseline", "seq_kd", "tie_kd")]
-    assert all(g["--beam"] == "4" and g["--lenpen"] == "0.6" and "--cpu" not in g for g in generates)
+    assert all(g["--beam"] == "4" and g["--lenpen"] == "0.6" and "--cpu" not in g and "--max-len-a" not in g
+               for g in generates)
     assert read(work / "results.md")[2:] == [f"| {n} | 1.00 | 2.00 |" for n in
                                              ("teacher", "student baseline", "student seq_kd", "student tie_kd")]
 
@@ -661,16 +678,17 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
     assert it["UPDATES_PER_ROUND"] == "200000" and it["ON_DEGENERATE"] == "drop" and it["WORK"] == str(work / "iterate")
     assert "--arch transformer " in it["ARCH_ARGS"] and "--lr 7e-4" in it["ARCH_ARGS"] and "\n" not in it["ARCH_ARGS"]
     assert "--fp16" in it["TRAIN_ARGS"] and "--update-freq 8" in it["TRAIN_ARGS"]
+    assert "--ddp-backend legacy_ddp" in it["TRAIN_ARGS"]
 
     # a re-run skips every stage; iterate.sh (its own per-round state) is called again to resume or add rounds
     n_calls = len(fake.calls())
     proc = run_recipe(WMT_RUN, args, fake.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.findall(r"^== \[(\w+)\] finished before, skipped", proc.stdout, flags=re.M) == stages[1:-1]
-    assert re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M) == ["prepare_wmt", "iterate"]
+    assert skipped(proc.stdout) == stages[1:-1]
+    assert started(proc.stdout) == ["prepare_wmt", "iterate"]
     new = [c["argv"] for c in fake.calls()[n_calls:]]
-    # only prepare-wmt (skips its finished steps itself, verifies the pins again) and the table again
-    assert [a[:3] for a in new if a[0] == "-m"] == [["-m", "fairseq_kd.wmt", "prepare"], ["-m", "fairseq_kd.scoring", "table"]]
+    # only prepare-wmt (skips its finished steps itself, verifies the pins again); the table is up to date
+    assert [a[:3] for a in new if a[0] == "-m"] == [["-m", "fairseq_kd.wmt", "prepare"]]
     assert len(fake.iterate_calls()) == 2
 
 
@@ -732,11 +750,11 @@ def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
     work = tmp_path / "work"
     proc = run_recipe(MULTI30K_RUN, ["--work", work], fake.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.findall(r"^== \[(\w+)\] \d", proc.stdout, flags=re.M) == [
+    assert started(proc.stdout) == [
         "prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline",
         "student_word_kd", "translate_student_word_kd", "decode_train_with_teacher", "student_seq_kd",
         "translate_student_seq_kd", "student_self_evolution_kd", "translate_student_self_evolution_kd",
-        "student_hybrid_gated_kd", "translate_student_hybrid_gated_kd"]
+        "student_hybrid_gated_kd", "translate_student_hybrid_gated_kd", "score"]
     assert proc.stdout.strip().endswith(f"results: {work}/results.md")
     (prep,) = fake.calls("fairseq_kd.prepare")
     assert flags(prep["argv"]) == {"--corpus": "multi30k_en_de", "--data-root": os.path.join(REPO, "..", "shared", "data"),
@@ -775,3 +793,125 @@ def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
                              "--required-batch-size-multiple": "1", "--remove-bpe": "sentencepiece", "--cpu": True}.items()
                for g in generates)
     assert not fake.calls("fairseq_kd.wmt")
+
+
+def test_prepare_wmt_refuses_a_corrupted_archive(en_ro_world, tmp_path):
+    """A truncated download (no pins given) is refused when read, with the file and the fix; nothing is built."""
+    world = en_ro_world
+    with open(world.ep_archive, "rb") as f:
+        payload = f.read()
+    with open(world.ep_archive, "wb") as f:
+        f.write(payload[: len(payload) // 2])
+    out = tmp_path / "corrupt"
+    line = error_line(world.prepare("--pair", "en-ro", "--out", out))
+    archive = str(out / "orig" / "training-parallel-ep-v8.tgz")
+    assert f"cannot read {archive}" in line and "delete it and re-run" in line
+    assert not (out / "train.en").exists() and not (out / "train.ro").exists()
+    # pinned to the good archive's hash: the corrupted download is refused before it is even opened
+    good = tmp_path / "good.tgz"
+    good.write_bytes(payload)
+    pins = tmp_path / "pins.sha256"
+    pins.write_text(f"{sha256(good)}  training-parallel-ep-v8.tgz\n{sha256(world.st_archive)}  SETIMES2.en-ro.txt.zip\n")
+    os.remove(archive)
+    line = error_line(world.prepare("--pair", "en-ro", "--out", out, "--checksums", pins))
+    assert "training-parallel-ep-v8.tgz" in line and sha256(good) in line and sha256(world.ep_archive) in line
+
+
+# ---- paper-comparable scores ------------------------------------------------------------------------------
+
+
+def test_tokenized_and_compound_split_bleu_match_hand_computed_values(tmp_path):
+    from fairseq_kd import scoring_tok
+
+    # Moses tokens: "Das ist ein gut-gemeinter Rat ." vs "... Vorschlag ." (6 tokens each, brevity 1)
+    # p1..p4 = 5/6, 3/5, 2/4, 1/3 -> BLEU = (1/12) ** (1/4)
+    hyp, ref = ["Das ist ein gut-gemeinter Rat."], ["Das ist ein gut-gemeinter Vorschlag."]
+    assert scoring_tok.moses_tokenize(hyp, "de") == ["Das ist ein gut-gemeinter Rat ."]
+    assert scoring_tok.tokenized_bleu(hyp, ref, "de") == pytest.approx(100 * (1 / 12) ** 0.25)
+    # compound split: "gut ##AT##-##AT## gemeinter" -> 8 tokens; p = 7/8, 5/7, 4/6, 3/5 -> (1/4) ** (1/4)
+    assert scoring_tok.tokenized_bleu(hyp, ref, "de", compound_split=True) == pytest.approx(100 * 0.25 ** 0.25)
+    # fairseq's perl rule, s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g: a match consumes its right character
+    assert scoring_tok.split_compounds("a-b-c x-y - z") == "a ##AT##-##AT## b-c x ##AT##-##AT## y - z"
+    # multi-bleu: no smoothing, a missing 4-gram match is BLEU 0; two sentences pooled at corpus level
+    assert scoring_tok.tokenized_bleu(["Hello, world!"], ["Hello, world."], "en") == 0.0
+    two_h = ["a b c d e", "the cat sat on the mat"]
+    two_r = ["a b c d f", "the cat sat on the mat"]
+    # p1 = (4+6)/11, p2 = (3+5)/9, p3 = (2+4)/7, p4 = (1+3)/5
+    expected = 100 * ((10 / 11) * (8 / 9) * (6 / 7) * (4 / 5)) ** 0.25
+    assert scoring_tok.tokenized_bleu(two_h, two_r, "en") == pytest.approx(expected)
+
+    # the table labels each score; COMET without the package is skipped with a message
+    ref_file, hyp_file = tmp_path / "ref.de", tmp_path / "hyp.de"
+    ref_file.write_text("\n".join(ref) + "\n")
+    hyp_file.write_text("\n".join(hyp) + "\n")
+    src_file = tmp_path / "src.en"
+    src_file.write_text("That is well-meant advice.\n")
+    proc = cli.run("fairseq_kd.scoring", ["table", "--ref", ref_file, "--system", f"sys={hyp_file}", "--lang", "de",
+                                          "--tokenized", "--compound-split", "--comet-model", tmp_path / "none.ckpt",
+                                          "--src", src_file, "--markdown", tmp_path / "t.md"])
+    table = (tmp_path / "t.md").read_text()
+    assert "| system | BLEU | chrF | tok. BLEU | comp.-split BLEU |" in table
+    assert f"| {100 * (1 / 12) ** 0.25:.2f} | {100 * 0.25 ** 0.25:.2f} |" in table
+    assert "multi-bleu.perl" in table and "compound_split_bleu.sh" in table
+    assert "COMET: skipped, unbabel-comet is not installed" in table and "COMET skipped" in proc.stdout
+
+
+def test_extract_detokenizes_moses_output(tmp_path):
+    gen = tmp_path / "gen.out"
+    gen.write_text("D-1\t-0.1\tEr sagte &quot; ja &quot; .\nD-0\t-0.2\tDas ist gut-gemeint , oder ?\n")
+    cli.run("fairseq_kd.scoring", ["extract", gen, tmp_path / "hyp", "--expect-lines", "2", "--detokenize", "de"])
+    assert read(tmp_path / "hyp") == ["Das ist gut-gemeint, oder?", 'Er sagte "ja".']
+
+
+# ---- Moses + BPE and a fairseq model folder as the teacher ---------------------------------------------
+
+
+@pytest.mark.e2e
+def test_moses_bpe_path_and_teacher_dir_end_to_end(tmp_path):
+    """A tiny teacher trained on the data of the Moses + BPE path, saved in the layout of fairseq's published models
+    (model.pt, dict.en.txt, dict.ro.txt, bpecodes), then used through --teacher-dir: the students' data are
+    binarized with its BPE codes and dictionaries, so the live teacher's dictionary check passes."""
+    from fairseq_kd.prepare_bpe import prepare_bpe
+
+    first = tmp_path / "first"
+    bin_dir = prepare_bpe("tatoeba_en_ro", DATA, "en", "ro", str(first), train_lines=300, valid_lines=30,
+                          test_lines=30, merges=400)
+    codes = read(first / "bpecodes")
+    assert len(codes) == 401 and codes[0].startswith("#version")  # 400 merges and subword-nmt's header
+    bpe_train = read(first / "bpe_text" / "train.ro")
+    assert any("@@ " in line for line in bpe_train)
+    raw_train = read(first / "raw" / "train.ro")
+    assert len(raw_train) == len(bpe_train) == len(read(first / "raw" / "train.en"))
+    assert len(raw_train) <= 300  # the length filter after BPE keeps the raw text aligned
+    assert read(first / "raw" / "test.ro") == shared_lines("tatoeba_en_ro", "test.ro")[:30]
+    cli.train(bin_dir, first / "teacher", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+              "--max-update", "4")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRAIN_LINES="300", VALID_LINES="30", TEST_LINES="30",
+               STUDENT_UPDATES="3", TEST_BEAM="1")
+
+    published = tmp_path / "ro-teacher"  # fairseq's published layout
+    published.mkdir()
+    import shutil
+
+    shutil.copyfile(first / "teacher" / "checkpoint_best.pt", published / "model.pt")
+    for name in ("dict.en.txt", "dict.ro.txt"):
+        shutil.copyfile(first / "bin" / name, published / name)
+    shutil.copyfile(first / "bpecodes", published / "bpecodes")
+    shutil.rmtree(first)  # the teacher's own data directory is gone, as with a download
+
+    second = tmp_path / "second"
+    proc = run_recipe(WMT_RUN, ["--pair", "en-ro", "--scale", "cpu", "--students", "word_kd", "--work", second,
+                                "--teacher-dir", published], env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert started(proc.stdout) == ["prepare", "translate_teacher", "student_word_kd", "translate_student_word_kd", "score"]
+    for name in ("dict.en.txt", "dict.ro.txt"):
+        assert read(second / "data" / "bin" / name) == read(published / name)
+    assert read(second / "data" / "bpecodes") == read(published / "bpecodes")
+    assert read(second / "data" / "bpe_text" / "train.ro") == bpe_train  # the same segmentation
+    hyps = read(second / "teacher.test.hyp")  # Moses-detokenized, BPE removed
+    assert len(hyps) == 30 and not any("@@" in h or "&apos;" in h or "&quot;" in h for h in hyps)
+    table = (second / "results.md").read_text()
+    assert "| system | BLEU | chrF | tok. BLEU |" in table and "comp.-split" not in table  # no compounds for en-ro
+    log = (second / "student_word_kd.train.log").read_text()
+    assert "done training" in log and str(published / "model.pt") in log
+    assert len(read(second / "student_word_kd.test.hyp")) == 30

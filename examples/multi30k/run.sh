@@ -71,6 +71,7 @@ TEACHER_ARGS="--arch transformer $TEACHER_ARCH --lr $LR"
 STUDENT_ARGS="--arch transformer $STUDENT_ARCH --lr $LR"
 STUDENT_AVERAGE=0; AVERAGE_UPPER_BOUND=
 DECODE_SHARDS=2; DECODE_PARALLEL=2; DECODE_ARGS="--max-len-a 1.2 --max-len-b 10"
+TEST_DECODE_ARGS="--max-len-a 1.2 --max-len-b 10"
 LENPEN=1; TEST_BATCH=128; FP16=0
 
 # shellcheck source=../../scripts/lib/pipeline.sh

@@ -41,7 +41,3 @@ def main(argv: Optional[List[str]] = None) -> None:
             sacrebleu=os.environ.get("SACREBLEU") or "sacrebleu",
             max_words=args.max_words, max_ratio=args.max_ratio,
         )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,25 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2153  # the upper-case variables are set by the recipe that sources this file
 # The recipes' shared pipeline, driven by variables: a recipe (examples/multi30k/run.sh,
 # examples/wmt14/run.sh) sets every variable below, sources this file and calls pipeline_run.
 #
-#   prepare                    slice the corpus, joint SentencePiece, fairseq-preprocess (WORK/data)
-#   teacher                    fairseq-train the teacher (label-smoothed CE)
+#   prepare                    slice the corpus, joint SentencePiece (or Moses + joint BPE), fairseq-preprocess
+#   teacher                    fairseq-train the teacher (label-smoothed CE); skipped with TEACHER_DIR
 #   translate_teacher          decode the test set, check the line count
 #   decode_train_with_teacher  Seq-KD data: the teacher's beam translations of the training source
 #                              (scripts/decode_teacher.sh), only for seq_kd / hybrid_gated_kd
+#   build_teacher_cache        the offline teacher cache (python -m fairseq_kd.cache build, sharded),
+#                              only when TEACHER_CACHE=1
 #   student_NAME               one student per entry of STUDENTS
 #   average_student_NAME       (STUDENT_AVERAGE > 0) average of its last STUDENT_AVERAGE interval checkpoints
 #   translate_student_NAME     decode the test set
-#   then the sacrebleu table of every model on the test set: WORK/results.md
+#   score                      sacreBLEU, tokenized BLEU (compound-split for En-De), optional COMET: WORK/results.md
 #
-# A finished stage is skipped on a re-run (markers in WORK/stages, see stages.sh); an
-# interrupted fairseq-train resumes from its checkpoint_last.pt.
+# Stages know what they ran with (scripts/lib/stages.sh): a changed setting redoes that stage and
+# every stage downstream of it; DRY_RUN=1 prints every command; an interrupted fairseq-train
+# resumes from its checkpoint_last.pt.
 #
-# Variables (no defaults here: a recipe sets each one, so nothing leaks in from the environment):
+# Variables a recipe must set (no defaults: nothing leaks in from the environment):
 #   RECIPE                 script name used in error messages
 #   REPO WORK PYTHON       checkout; work folder; python with fairseq and fairseq_kd
 #   CORPUS DATA_ROOT SRC TGT   corpus folder DATA_ROOT/CORPUS with {train,valid,test}.{SRC,TGT}
@@ -29,7 +34,24 @@
 #   AVERAGE_UPPER_BOUND    empty, or the last update averaged (checkpoints after it are ignored)
 #   TRAIN_BEAM DECODE_SHARDS DECODE_PARALLEL DECODE_ARGS   Seq-KD teacher decoding of the training set
 #   TEST_BEAM LENPEN TEST_BATCH   test-set decoding
-#   FP16                   1: --fp16 (and an fp16 teacher for KD) when a GPU is used
+#   FP16                   1: --fp16 training when a GPU is used
+# Optional (defaults in brackets):
+#   SEGMENTATION [spm]     spm: joint SentencePiece (VOCAB); bpe: Moses + joint subword-nmt BPE (BPE_MERGES)
+#   BPE_MERGES [40000]     BPE merge operations (fairseq's prepare-wmt14en2{de,fr}.sh)
+#   TEACHER_DIR []         a fairseq model folder (model.pt or checkpoint*.pt, dict.*.txt, bpecodes): the
+#                          teacher; the data are then Moses + BPE with its codes and dictionaries
+#   TEACHER_PRECISION [fp32]   the KD teacher's dtype (fp16/bf16 only when asked)
+#   TEST_DECODE_ARGS [""]  test decoding flags beyond beam/lenpen (empty: fairseq's length cap, 0 x src + 200)
+#   TEACHER_EXTRA STUDENT_EXTRA DECODE_EXTRA [""]  extra fairseq flags of one stage (run.sh --teacher-args...)
+#   LAUNCHER [single]      single | spawn (fairseq's one-node multi-GPU spawn; on CPU: NPROC processes with
+#                          a tcp:// rendezvous) | torchrun (env://, multi-node) | slurm (srun, fairseq's SLURM detection)
+#   NODES [1] NPROC [1]    nodes; GPUs (or CPU processes) per node
+#   NODE_RANK [0] MASTER_ADDR [localhost] MASTER_PORT [29500]   torchrun rendezvous; run the recipe on every
+#                          node with its NODE_RANK (node 0 runs every stage, the others train and decode)
+#   UPDATE_FREQ [1]        fairseq --update-freq (the recipe computes it from the tokens per update)
+#   TEACHER_CACHE [0] CACHE_ARGS [""]  1: build the offline teacher cache; students read it (--teacher-cache)
+#   COMET_MODEL []         a local COMET model: the table gets a COMET column
+#   SBATCH_ARGS [""]       with LAUNCHER=slurm: sbatch flags of the decoding / cache arrays
 # *_ARGS values are split on whitespace (newlines too): write --adam-betas (0.9,0.98) without a space.
 
 PIPELINE_VARS=(RECIPE REPO WORK PYTHON CORPUS DATA_ROOT SRC TGT TRAIN_LINES VALID_LINES TEST_LINES
@@ -37,13 +59,24 @@ PIPELINE_VARS=(RECIPE REPO WORK PYTHON CORPUS DATA_ROOT SRC TGT TRAIN_LINES VALI
     STUDENTS STUDENT_AVERAGE AVERAGE_UPPER_BOUND TRAIN_BEAM DECODE_SHARDS DECODE_PARALLEL DECODE_ARGS
     TEST_BEAM LENPEN TEST_BATCH FP16)
 ALL_STUDENTS="baseline word_kd seq_kd tie_kd self_evolution_kd hybrid_gated_kd"
+# shellcheck disable=SC2034  # teacher_args / student_args are read through train()'s nameref
+train_args=() teacher_args=() student_args=() decode_args=() test_decode_args=() device=() teacher_precision=()
+teacher_data=()
 
 # shellcheck source=stages.sh
 source "$(dirname "${BASH_SOURCE[0]}")/stages.sh"
+# shellcheck source=shards.sh
+source "$(dirname "${BASH_SOURCE[0]}")/shards.sh"
 
 die() {
     echo "$RECIPE: error: $*" >&2
     exit 1
+}
+
+split_words() {  # split_words ARRAY_NAME TEXT: TEXT split on any whitespace, newlines included
+    local -n into=$1
+    # shellcheck disable=SC2034  # a nameref: the caller's array
+    read -r -a into <<< "${2//$'\n'/ }"
 }
 
 # pipeline_setup: check the variables and the python, derive paths and device flags
@@ -57,6 +90,11 @@ pipeline_setup() {
     for s in $STUDENTS; do
         [[ " $ALL_STUDENTS " == *" $s "* ]] || { echo "$RECIPE: error: unknown student $s ($ALL_STUDENTS)" >&2; exit 2; }
     done
+    : "${SEGMENTATION:=spm}" "${BPE_MERGES:=40000}" "${TEACHER_DIR:=}" "${TEACHER_PRECISION:=fp32}"
+    : "${TEST_DECODE_ARGS=}" "${TEACHER_EXTRA:=}" "${STUDENT_EXTRA:=}" "${DECODE_EXTRA:=}"
+    : "${LAUNCHER:=single}" "${NODES:=1}" "${NPROC:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=localhost}"
+    : "${MASTER_PORT:=29500}" "${UPDATE_FREQ:=1}" "${TEACHER_CACHE:=0}" "${CACHE_ARGS:=}" "${COMET_MODEL:=}"
+    : "${SBATCH_ARGS:=}"
     command -v "$PYTHON" >/dev/null || die "$PYTHON not found; set PYTHON"
     "$PYTHON" -c "import fairseq_kd" 2>/dev/null \
         || die "fairseq_kd is not importable; install it first: pip install torch==2.13.0 && pip install -e $REPO"
@@ -68,35 +106,133 @@ pipeline_setup() {
     # one intra-op thread: for these small models it is several times faster than two,
     # and it does not collapse when another process shares the cores
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    # split on any whitespace, newlines included (read -a alone stops at the first newline)
-    read -r -a train_args <<< "${TRAIN_ARGS//$'\n'/ }"
-    read -r -a teacher_args <<< "${TEACHER_ARGS//$'\n'/ }"
-    read -r -a student_args <<< "${STUDENT_ARGS//$'\n'/ }"
-    read -r -a decode_args <<< "${DECODE_ARGS//$'\n'/ }"
+    split_words train_args "$TRAIN_ARGS"
+    split_words teacher_args "$TEACHER_ARGS $TEACHER_EXTRA"
+    split_words student_args "$STUDENT_ARGS $STUDENT_EXTRA"
+    split_words decode_args "$DECODE_ARGS $DECODE_EXTRA"
+    split_words test_decode_args "$TEST_DECODE_ARGS"
+    if (( UPDATE_FREQ > 1 )); then train_args+=(--update-freq "$UPDATE_FREQ"); fi
     device=()
-    teacher_precision=()
-    if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    if [[ -n ${PIPELINE_CPU:-} ]]; then
+        [[ $PIPELINE_CPU == 1 ]] && device=(--cpu)
+    elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         device=(--cpu)
-    elif [[ $FP16 == 1 ]]; then
-        train_args+=(--fp16)
-        teacher_precision=(--teacher-precision fp16)
+    fi
+    if [[ ${device[*]} != --cpu && $FP16 == 1 ]]; then train_args+=(--fp16); fi
+    teacher_precision=()
+    [[ $TEACHER_PRECISION == fp32 ]] || teacher_precision=(--teacher-precision "$TEACHER_PRECISION")
+    teacher_data=()
+    [[ -z $TEACHER_DIR ]] || teacher_data=(--teacher-data-dir "$TEACHER_DIR")
+    TEACHER_CKPT=$WORK/teacher/checkpoint_best.pt
+    if [[ -n $TEACHER_DIR ]]; then
+        SEGMENTATION=bpe
+        teacher_checkpoint "$TEACHER_DIR"
+    fi
+    [[ $SEGMENTATION == spm || $SEGMENTATION == bpe ]] || die "SEGMENTATION must be spm or bpe, got $SEGMENTATION"
+    if (( NODE_RANK > 0 )); then  # torchrun, node r > 0: train and decode with node 0, which does the rest
+        STAGE_FOLLOWER=1
+        STAGE_SHARED='^(teacher|student_.*|decode_train_with_teacher|build_teacher_cache)$'
     fi
     PIPELINE_READY=1
 }
 
+teacher_checkpoint() {  # TEACHER_CKPT: the checkpoint(s) of a downloaded fairseq model folder, ':'-joined
+    local dir=$1 f found=()
+    [[ -d $dir ]] || die "--teacher-dir $dir not found"
+    for f in "$dir"/model.pt "$dir"/model[0-9]*.pt; do [[ -f $f ]] && found+=("$f"); done
+    if (( ${#found[@]} == 0 )); then
+        for f in "$dir"/checkpoint_best.pt "$dir"/checkpoint*.pt; do [[ -f $f ]] && { found+=("$f"); break; }; done
+    fi
+    (( ${#found[@]} > 0 )) || die "$dir has no model.pt or checkpoint*.pt: pass the folder of a fairseq model (--teacher-dir)"
+    [[ -f $dir/bpecodes || -f $dir/code ]] || die "$dir has no bpecodes: --teacher-dir needs the model's BPE codes"
+    [[ -f $dir/dict.$SRC.txt && -f $dir/dict.$TGT.txt ]] || die "$dir has no dict.$SRC.txt and dict.$TGT.txt (--teacher-dir)"
+    TEACHER_CKPT=$(IFS=:; echo "${found[*]}")
+}
+
+# ---- launcher ---------------------------------------------------------------------------------------
+# fairseq_train LOG ARGS...: fairseq-train through LAUNCHER, output appended to LOG
+fairseq_train() {
+    local log=$1 world=$((NODES * NPROC)) r
+    shift
+    local -a cmd=("$PYTHON" -m fairseq_cli.train "$@")
+    case $LAUNCHER in
+        single) run_log "$log" "${cmd[@]}" ;;
+        spawn)
+            if [[ ${device[*]} == --cpu ]]; then  # fairseq's spawn counts GPUs: one process per rank here
+                local -a rank_args
+                for ((r = 0; r < NPROC; r++)); do
+                    rank_args=(--distributed-world-size "$NPROC" --distributed-rank "$r" --distributed-init-method
+                        "tcp://localhost:$MASTER_PORT" --distributed-no-spawn --distributed-backend gloo)
+                    if [[ $DRY_RUN == 1 ]]; then
+                        printf '    %s> %q 2>&1 &\n' "$(printf '%q ' "${cmd[@]}" "${rank_args[@]}")" "$log.rank$r"
+                    else
+                        "${cmd[@]}" "${rank_args[@]}" > "$log.rank$r" 2>&1 &
+                    fi
+                done
+                [[ $DRY_RUN == 1 ]] || wait_all "$log"
+            else
+                run_log "$log" "${cmd[@]}" --distributed-world-size "$NPROC"
+            fi ;;
+        torchrun)
+            run_log "$log" "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc_per_node "$NPROC" \
+                --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+                -m fairseq_cli.train "$@" --distributed-world-size "$world" ;;
+        slurm)
+            run_log "$log" srun --nodes "$NODES" --ntasks-per-node "$NPROC" --gpus-per-node "$NPROC" \
+                "${cmd[@]}" --distributed-world-size "$world" --distributed-port "$MASTER_PORT" ;;
+        *) die "LAUNCHER must be single, spawn, torchrun or slurm, got $LAUNCHER" ;;
+    esac
+}
+
+wait_all() {  # wait for the background rank processes; fail when one failed
+    local pid failed=0
+    for pid in $(jobs -p); do wait "$pid" || failed=1; done
+    cat "$1.rank0" >> "$1"
+    cat "$1.rank0"
+    (( failed == 0 )) || die "a training process failed; see $1.rank*"
+}
+
+# the decode/cache shards of this node: one per GPU, or DECODE_PARALLEL CPU processes
+shard_setup() {
+    SHARD_LAUNCH=local SHARD_GPUS='' SHARD_PARALLEL=$DECODE_PARALLEL
+    NUM_SHARDS=$DECODE_SHARDS
+    SHARD_IDS=$(seq -s ' ' 0 $((NUM_SHARDS - 1)))
+    if [[ $LAUNCHER == slurm ]]; then
+        SHARD_LAUNCH=slurm
+    elif [[ ${device[*]} != --cpu ]]; then
+        SHARD_GPUS=$(seq -s ' ' 0 $((NPROC - 1)))
+        if [[ $LAUNCHER == torchrun && $NODES -gt 1 ]]; then  # node r decodes shards r*NPROC ... r*NPROC+NPROC-1
+            SHARD_IDS=$(seq -s ' ' $((NODE_RANK * NPROC)) $((NODE_RANK * NPROC + NPROC - 1)))
+        fi
+    fi
+}
+
+# ---- stages -----------------------------------------------------------------------------------------
 prepare() {
-    "$PYTHON" -m fairseq_kd.prepare --corpus "$CORPUS" --data-root "$DATA_ROOT" --src "$SRC" --tgt "$TGT" \
-        --out "$DATA" --vocab-size "$VOCAB" --workers "$WORKERS" ${TRAIN_LINES:+--train-lines "$TRAIN_LINES"} \
-        ${VALID_LINES:+--valid-lines "$VALID_LINES"} ${TEST_LINES:+--test-lines "$TEST_LINES"} \
-        ${TEST_FROM_VALID:+--test-from-valid "$TEST_FROM_VALID"}
+    local common=(--corpus "$CORPUS" --data-root "$DATA_ROOT" --src "$SRC" --tgt "$TGT" --out "$DATA"
+        --workers "$WORKERS" ${TRAIN_LINES:+--train-lines "$TRAIN_LINES"} ${VALID_LINES:+--valid-lines "$VALID_LINES"}
+        ${TEST_LINES:+--test-lines "$TEST_LINES"} ${TEST_FROM_VALID:+--test-from-valid "$TEST_FROM_VALID"})
+    note "inputs $(corpus_sizes "$DATA_ROOT/$CORPUS")"
+    if [[ $SEGMENTATION == bpe ]]; then
+        local teacher=()
+        [[ -z $TEACHER_DIR ]] || teacher=(--teacher-dir "$TEACHER_DIR")
+        run "$PYTHON" -m fairseq_kd.prepare_bpe "${common[@]}" --merges "$BPE_MERGES" "${teacher[@]}"
+    else
+        run "$PYTHON" -m fairseq_kd.prepare "${common[@]}" --vocab-size "$VOCAB"
+    fi
+}
+
+corpus_sizes() {  # name:size of the corpus files (a changed corpus redoes prepare and what follows)
+    [[ -d $1 ]] || { echo none; return; }
+    find "$1" -maxdepth 1 -type f \( -name 'train.*' -o -name 'valid.*' -o -name 'test.*' \) -printf '%f:%s ' | tr ' ' '\n' | sort | tr '\n' ' '
 }
 
 train() {  # train NAME UPDATES MODEL_FLAGS_ARRAY_NAME [FLAGS...]
     local name=$1 updates=$2
     local -n model=$3
     shift 3
-    "$PYTHON" -m fairseq_cli.train "$BIN" --save-dir "$WORK/$name" --user-dir "$USER_DIR" \
-        "${train_args[@]}" "${model[@]}" "${device[@]}" --max-update "$updates" "$@" 2>&1 | tee "$WORK/$name.train.log"
+    fairseq_train "$WORK/$name.train.log" "$BIN" --save-dir "$WORK/$name" --user-dir "$USER_DIR" \
+        "${train_args[@]}" "${model[@]}" "${device[@]}" --max-update "$updates" "$@"
 }
 
 train_teacher() {
@@ -105,7 +241,9 @@ train_teacher() {
 
 train_student() {  # train_student NAME
     local name=$1
-    local kd=(--task distillation_translation --teacher-path "$WORK/teacher/checkpoint_best.pt" "${teacher_precision[@]}")
+    local kd=(--task distillation_translation --teacher-path "$TEACHER_CKPT" "${teacher_precision[@]}")
+    if [[ -n $TEACHER_DIR ]]; then kd+=(--teacher-data-dir "$TEACHER_DIR"); fi  # its dict.*.txt
+    if [[ $TEACHER_CACHE == 1 ]]; then kd+=(--teacher-cache "$WORK/teacher_cache"); fi
     case $name in
         baseline) set -- --task distillation_translation --criterion label_smoothed_cross_entropy --label-smoothing 0.1 ;;
         word_kd) set -- "${kd[@]}" --criterion word_kd --kd-alpha 0.5 ;;
@@ -118,67 +256,117 @@ train_student() {  # train_student NAME
 }
 
 decode_train_with_teacher() {  # Seq-KD data: the teacher's translations of the training source
-    local out=$WORK/seq_kd_decode/train_teacher.txt
+    local out=$WORK/seq_kd_decode/train_teacher.txt n
     local threads=$(( OMP_NUM_THREADS / DECODE_PARALLEL ))
-    BEAM=$TRAIN_BEAM NUM_SHARDS=$DECODE_SHARDS PARALLEL=$DECODE_PARALLEL WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" \
-        OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
-        DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${decode_args[*]}" \
-        bash "$REPO/scripts/decode_teacher.sh" "$BIN" "$WORK/teacher/checkpoint_best.pt" train_teacher
+    shard_setup
+    n=$(lines "$DATA/raw/train.$SRC")
+    BEAM=$TRAIN_BEAM NUM_SHARDS=$NUM_SHARDS SHARD_IDS=$SHARD_IDS PARALLEL=$SHARD_PARALLEL GPUS=$SHARD_GPUS \
+        LAUNCH=$SHARD_LAUNCH SBATCH_ARGS=$SBATCH_ARGS WAIT_SHARDS=$([[ $NODES -gt 1 ]] && echo 604800 || echo 0) \
+        WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
+        DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${teacher_data[*]} ${decode_args[*]}" DRY_RUN=$DRY_RUN \
+        NO_MERGE=$([[ $NODE_RANK -gt 0 ]] && echo 1 || echo 0) \
+        bash "$REPO/scripts/decode_teacher.sh" "$BIN" "$TEACHER_CKPT" train_teacher
     require_file "$out" "the teacher decoding did not finish; re-run to resume it"
-    assert_lines "$out" "$(wc -l < "$DATA/raw/train.$SRC")"
+    assert_lines "$out" "$n"
+}
+
+build_teacher_cache() {  # the offline teacher cache, one shard per GPU / array task / CPU process
+    local extra
+    shard_setup
+    split_words extra "$CACHE_ARGS"
+    launch_shards "$NUM_SHARDS" "$SHARD_IDS" "$PYTHON" -m fairseq_kd.cache build --data "$BIN" \
+        --path "$TEACHER_CKPT" --out-dir "$WORK/teacher_cache" "${device[@]}" "${teacher_precision[@]}" "${teacher_data[@]}" "${extra[@]}"
+    if (( NODES > 1 && NODE_RANK == 0 )); then
+        wait_for_shards "$WORK/teacher_cache/shard%03d-of-%03d.done" "$NUM_SHARDS" 604800 || die "teacher cache shards missing"
+    fi
 }
 
 average_student() {  # average_student NAME: WORK/NAME/checkpoint_avg.pt
-    "$PYTHON" -m fairseq_kd.wmt average --dir "$WORK/$1" --last "$STUDENT_AVERAGE" \
+    run "$PYTHON" -m fairseq_kd.wmt average --dir "$WORK/$1" --last "$STUDENT_AVERAGE" \
         ${AVERAGE_UPPER_BOUND:+--upper-bound "$AVERAGE_UPPER_BOUND"} --output "$WORK/$1/checkpoint_avg.pt"
 }
 
 checkpoint_of() {  # the checkpoint a model is evaluated with
-    if [[ $1 == student_* && $STUDENT_AVERAGE -gt 0 ]]; then
+    if [[ $1 == teacher ]]; then
+        echo "$TEACHER_CKPT"
+    elif [[ $1 == student_* && $STUDENT_AVERAGE -gt 0 ]]; then
         echo "$WORK/$1/checkpoint_avg.pt"
     else
         echo "$WORK/$1/checkpoint_best.pt"
     fi
 }
 
-translate() {  # translate NAME: test set -> WORK/NAME.test.hyp
-    local name=$1 checkpoint n
+translate() {  # translate NAME: test set -> WORK/NAME.test.hyp (detokenized text)
+    local name=$1 checkpoint n remove=(--remove-bpe sentencepiece)
     checkpoint=$(checkpoint_of "$name")
-    require_file "$checkpoint" "the $name training stage did not finish"
-    n=$(wc -l < "$DATA/raw/test.$TGT")
-    "$PYTHON" -m fairseq_cli.generate "$BIN" --user-dir "$USER_DIR" --path "$checkpoint" \
-        --gen-subset test --beam "$TEST_BEAM" --lenpen "$LENPEN" --max-len-a 1.2 --max-len-b 10 \
-        --remove-bpe sentencepiece --batch-size "$TEST_BATCH" --required-batch-size-multiple 1 \
-        "${device[@]}" > "$WORK/$name.test.gen.tmp"
-    mv "$WORK/$name.test.gen.tmp" "$WORK/$name.test.gen"
-    "$PYTHON" -m fairseq_kd.scoring extract "$WORK/$name.test.gen" "$WORK/$name.test.hyp" --expect-lines "$n"
+    require_file "${checkpoint%%:*}" "the $name training stage did not finish"
+    n=$(lines "$DATA/raw/test.$TGT")
+    [[ $SEGMENTATION == spm ]] || remove=(--remove-bpe)
+    run_to "$WORK/$name.test.gen" "$PYTHON" -m fairseq_cli.generate "$BIN" --user-dir "$USER_DIR" \
+        --path "$checkpoint" --gen-subset test --beam "$TEST_BEAM" --lenpen "$LENPEN" "${test_decode_args[@]}" \
+        "${remove[@]}" --batch-size "$TEST_BATCH" --required-batch-size-multiple 1 "${device[@]}"
+    if [[ $SEGMENTATION == spm ]]; then
+        run "$PYTHON" -m fairseq_kd.scoring extract "$WORK/$name.test.gen" "$WORK/$name.test.hyp" --expect-lines "$n"
+    else  # Moses-tokenized output: detokenized for sacreBLEU
+        run "$PYTHON" -m fairseq_kd.scoring extract "$WORK/$name.test.gen" "$WORK/$name.test.hyp" --expect-lines "$n" \
+            --detokenize "$TGT"
+    fi
     assert_lines "$WORK/$name.test.hyp" "$n"
 }
 
 score() {
-    local systems=(--system "teacher=$WORK/teacher.test.hyp") s
+    local systems=(--system "teacher=$WORK/teacher.test.hyp") s extra=()
     for s in $STUDENTS; do
         systems+=(--system "student $s=$WORK/student_$s.test.hyp")
     done
-    "$PYTHON" -m fairseq_kd.scoring table --ref "$DATA/raw/test.$TGT" "${systems[@]}" --markdown "$WORK/results.md"
+    [[ $TGT == de ]] && extra+=(--compound-split)
+    [[ -z $COMET_MODEL ]] || extra+=(--comet-model "$COMET_MODEL" --src "$DATA/raw/test.$SRC")
+    run "$PYTHON" -m fairseq_kd.scoring table --ref "$DATA/raw/test.$TGT" --lang "$TGT" --tokenized "${extra[@]}" \
+        "${systems[@]}" --markdown "$WORK/results.md"
+}
+
+pipeline_plan() {  # the stages of this run, in order, with the stages each one reads
+    local s scored="translate_teacher" teacher_dep=teacher
+    if [[ -n $TEACHER_DIR ]]; then
+        plan prepare "" prepare
+        teacher_dep=prepare
+    else
+        plan prepare "" prepare
+        plan teacher "prepare" train_teacher
+    fi
+    plan translate_teacher "$teacher_dep" translate teacher
+    if [[ $TEACHER_CACHE == 1 ]]; then
+        plan build_teacher_cache "$teacher_dep" build_teacher_cache
+    fi
+    local decoded=
+    for s in $STUDENTS; do
+        local deps=prepare
+        case $s in
+            baseline) ;;
+            seq_kd) deps=decode_train_with_teacher ;;
+            hybrid_gated_kd) deps="$teacher_dep decode_train_with_teacher" ;;
+            *) deps=$teacher_dep ;;
+        esac
+        [[ $TEACHER_CACHE == 1 && $s != baseline && $s != seq_kd ]] && deps+=" build_teacher_cache"
+        if [[ ($s == seq_kd || $s == hybrid_gated_kd) && -z $decoded ]]; then
+            plan decode_train_with_teacher "$teacher_dep" decode_train_with_teacher
+            decoded=1
+        fi
+        plan "student_$s" "$deps" train_student "$s"
+        local last="student_$s"
+        if [[ $STUDENT_AVERAGE -gt 0 ]]; then
+            plan "average_student_$s" "student_$s" average_student "student_$s"
+            last="average_student_$s"
+        fi
+        plan "translate_student_$s" "$last" translate "student_$s"
+        scored+=" translate_student_$s"
+    done
+    plan score "$scored" score
 }
 
 pipeline_run() {
-    local s
     pipeline_setup
-    stage prepare prepare
-    stage teacher train_teacher
-    stage translate_teacher translate teacher
-    for s in $STUDENTS; do
-        if [[ $s == seq_kd || $s == hybrid_gated_kd ]]; then
-            stage decode_train_with_teacher decode_train_with_teacher
-        fi
-        stage "student_$s" train_student "$s"
-        if [[ $STUDENT_AVERAGE -gt 0 ]]; then
-            stage "average_student_$s" average_student "student_$s"
-        fi
-        stage "translate_student_$s" translate "student_$s"
-    done
-    score
-    echo "results: $WORK/results.md"
+    pipeline_plan
+    run_plan
+    [[ $DRY_RUN == 1 ]] || echo "results: $WORK/results.md"
 }
