@@ -9,6 +9,7 @@ module:
 ``shards.py``          the shard plan: shard ranges and files, the manifest, resume checks
 ``backend.py``         the translation-backend interface and registry (:data:`BACKENDS`)
 ``fairseq_backend.py`` the fairseq backend: task, device, settings, ``SequenceGenerator``
+``ctranslate2_backend.py`` the CTranslate2 backend (``decode --backend ctranslate2``, optional)
 ``decode.py``          decoding one shard / every shard of a corpus
 ``selection.py``       hypothesis choice (Seq-Inter) and degenerate-output checks
 ``merge.py``           merging the shards in source order, with the report
