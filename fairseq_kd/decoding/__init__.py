@@ -9,7 +9,6 @@ module:
 ``shards.py``          the shard plan: shard ranges and files, the manifest, resume checks
 ``backend.py``         the translation-backend interface and registry (:data:`BACKENDS`)
 ``fairseq_backend.py`` the fairseq backend: task, device, settings, ``SequenceGenerator``
-``ctranslate2_backend.py`` the CTranslate2 backend (``decode --backend ctranslate2``, optional)
 ``decode.py``          decoding one shard / every shard of a corpus
 ``selection.py``       hypothesis choice (Seq-Inter) and degenerate-output checks
 ``merge.py``           merging the shards in source order, with the report
@@ -19,7 +18,8 @@ module:
 
 A new translation backend NAME is one module ``NAME_backend.py`` here,
 registering a :class:`TranslationBackend` subclass with
-``@register_backend("NAME")``.
+``@register_backend("NAME")``, as ``ctranslate2_backend.py`` does (the
+optional CTranslate2 backend, ``decode --backend ctranslate2``).
 """
 
 from fairseq_kd.decoding.backend import BACKENDS, TranslationBackend, Translator, get_backend, register_backend
