@@ -32,7 +32,13 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7"], "comet": ["unbabel-comet>=2.0"]},
+    extras_require={
+        # the CTranslate2 teacher-decoding backend (`fairseq-kd-decode decode --backend ctranslate2`)
+        "ct2": ["ctranslate2>=4.0"],
+        # COMET scores in the recipes' tables (--comet-model PATH)
+        "comet": ["unbabel-comet>=2.0"],
+        "test": ["pytest>=7", "ctranslate2>=4.0"],
+    },
     # the command-line tools, named in fairseq's style; each is also `python -m MODULE`
     entry_points={
         "console_scripts": [

@@ -18,7 +18,8 @@ module:
 
 A new translation backend NAME is one module ``NAME_backend.py`` here,
 registering a :class:`TranslationBackend` subclass with
-``@register_backend("NAME")``.
+``@register_backend("NAME")``, as ``ctranslate2_backend.py`` does (the
+optional CTranslate2 backend, ``decode --backend ctranslate2``).
 """
 
 from fairseq_kd.decoding.backend import BACKENDS, TranslationBackend, Translator, get_backend, register_backend

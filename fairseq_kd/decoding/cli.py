@@ -8,7 +8,8 @@ and a function of :mod:`fairseq_kd.decoding`:
     train``) or of a plain-text, already-BPE'd file (``--input FILE``) with the
     teacher (``--path a.pt``, or ``a.pt:b.pt`` for an ensemble), through
     fairseq's ``SequenceGenerator`` (``task.build_generator``) on models read
-    by the safe checkpoint loader.  The examples are cut into ``--num-shards``
+    by the safe checkpoint loader, or with ``--backend ctranslate2`` by
+    CTranslate2 on the converted checkpoint (``ctranslate2_backend.py``).  The examples are cut into ``--num-shards``
     contiguous shards; ``--shard-id I`` decodes one of them (so shards can run
     as separate processes or on separate machines sharing ``--out-dir``),
     without it every shard is decoded in turn.  A shard is written to
@@ -57,8 +58,11 @@ from fairseq_kd.decoding.shards import shards_complete
 logger = logging.getLogger("fairseq_kd.decoding")
 
 
-def decode(args, backend: str = "fairseq") -> List[int]:
-    """The ``decode`` subcommand, translating with the registered ``backend``."""
+def decode(args, backend: Optional[str] = None) -> List[int]:
+    """The ``decode`` subcommand, translating with the registered ``backend``
+    (default: ``--backend``, else fairseq)."""
+    backend = backend or getattr(args, "backend", None) or "fairseq"
+    options = {"compute_type": args.ct2_compute_type} if backend == "ctranslate2" else {}
     task = build_task(args.data, args.source_lang, args.target_lang)
     if args.input:
         corpus = corpus_from_text(args.input, args.reference, task.source_dictionary, task.target_dictionary)
@@ -68,6 +72,8 @@ def decode(args, backend: str = "fairseq") -> List[int]:
             task.source_dictionary, task.target_dictionary,
         )
     settings = generation_settings(args)
+    if backend != "fairseq":  # recorded in the manifest: shards of different backends are not mixed
+        settings.update(backend=backend, **options)
     shard_ids = list(range(args.num_shards)) if args.shard_id is None else [args.shard_id]
     if shards_complete(args.out_dir, args.num_shards, shard_ids):
         # nothing to decode: check the manifest, do not load the teacher
@@ -75,7 +81,7 @@ def decode(args, backend: str = "fairseq") -> List[int]:
     device = resolve_device(args.device, args.cpu)
     teacher = get_backend(backend)(
         task, args.path, settings, device, precision=args.teacher_precision,
-        teacher_data_dir=args.teacher_data_dir,
+        teacher_data_dir=args.teacher_data_dir, **options,
     )
     logger.info(
         "decoding %d examples of %s in %d shard(s) on %s (beam %d, nbest %d)",
@@ -106,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--path", required=True, help="teacher checkpoint, or several separated by ':' (an ensemble)")
     dec.add_argument("--teacher-data-dir", help="directory with the teacher's dictionaries, if its recorded data directory moved")
     dec.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the teacher")
+    dec.add_argument("--backend", default="fairseq", choices=["fairseq", "ctranslate2"],
+                     help="fairseq: SequenceGenerator on the checkpoint; ctranslate2: the checkpoint converted once "
+                     "(cached next to it, keyed by its sha256) and decoded by CTranslate2 (pip install ctranslate2)")
+    dec.add_argument("--ct2-compute-type", default="default",
+                     choices=["default", "float32", "int8", "float16", "int8_float16", "auto"],
+                     help="CTranslate2 arithmetic (default: float16 on a GPU, float32 on the CPU)")
     dec.add_argument("--out-dir", required=True, help="directory of the shard files and manifest")
     dec.add_argument("--num-shards", type=int, default=1, help="number of shards the examples are cut into")
     dec.add_argument("--shard-id", type=int, help="decode only this shard (default: every shard in turn)")
