@@ -31,7 +31,7 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "matplotlib"], "study": ["matplotlib"]},
     # the command-line tools, named in fairseq's style; each is also `python -m MODULE`
     entry_points={
         "console_scripts": [
@@ -41,6 +41,7 @@ setup(
             "fairseq-kd-decode = fairseq_kd.decoding:main",
             "fairseq-kd-score = fairseq_kd.scoring:main",
             "fairseq-kd-average-checkpoints = fairseq_kd.checkpoints:main_average",
+            "fairseq-kd-analyze-teacher = fairseq_kd.study.teacher_analysis:main",
         ],
     },
     classifiers=[

@@ -20,6 +20,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq_kd import losses
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.losses.topk_ablation import TOPK_MODES, word_kd_topk_loss
 
 
 @dataclass
@@ -35,6 +36,11 @@ class WordKDConfig(KDCriterionConfig):
         default=0.1,
         metadata={"help": "share of the first argument in the second one's mixture (skl, srkl), in [0, 1)"},
     )
+    kd_topk_mode: ChoiceEnum(TOPK_MODES) = field(
+        default="all",
+        metadata={"help": "TIE-KD's ablations: all (Word-KD); no-top1: the teacher's top-1 probability moved "
+                  "onto the gold token; top1-only: -max(p_t) log p_s(argmax p_t)"},
+    )
 
 
 @register_criterion("word_kd", dataclass=WordKDConfig)
@@ -46,8 +52,9 @@ class WordKDCriterion(KDCriterion):
 
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
-            model, sample, teacher, losses.word_kd_loss,
+            model, sample, teacher, word_kd_topk_loss,
             divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda,
+            topk_mode=str(self.cfg.kd_topk_mode),
         )
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         return loss, self.sample_size(sample), logging_output
