@@ -42,6 +42,7 @@ setup(
             "fairseq-kd-score = fairseq_kd.scoring:main",
             "fairseq-kd-average-checkpoints = fairseq_kd.checkpoints:main_average",
             "fairseq-kd-analyze-teacher = fairseq_kd.study.teacher_analysis:main",
+            "fairseq-kd-study-report = fairseq_kd.study.report:main",
         ],
     },
     classifiers=[

@@ -44,3 +44,45 @@ def test_plots_write_pngs(tmp_path):
     for path in (bleu, curves, scatter):
         assert _is_png(path) and path.stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bleu.png", "time.png", "valid.png"]  # no temp files left
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+REFS = [f"ein hund läuft über die wiese nummer {i} ." for i in range(30)]
+
+
+def test_report_has_every_row_scores_and_bootstrap(tmp_path, teacher_ckpt):
+    from fairseq_kd.study import report
+    from fairseq_kd.teacher import TeacherEnsemble
+    from fairseq_kd.checkpoints import load_checkpoint_state
+
+    ref = tmp_path / "test.ref"
+    ref.write_text("\n".join(REFS) + "\n")
+    systems = {
+        "baseline_s1": [r.replace("hund", "katze").replace("wiese", "straße") for r in REFS],
+        "baseline_s2": [r.replace("wiese", "straße") for r in REFS],
+        "word_kd_s1": REFS,
+    }
+    rows = []
+    for name, hyps in systems.items():
+        (tmp_path / f"{name}.test.hyp").write_text("\n".join(hyps) + "\n")
+        method, seed = name.rsplit("_s", 1)
+        rows.append("\t".join([name, method, seed, str(tmp_path / name), teacher_ckpt, "120", "ok"]))
+    rows.append("\t".join(["word_kd_cached", "word_kd_cached", "1", str(tmp_path / "x"), "-", "0",
+                           "skipped: cache not available"]))
+    rows_file = tmp_path / "rows.tsv"
+    rows_file.write_text("\n".join(rows) + "\n")
+    analysis = dict(subset="valid", tokens=100, k=5, top1_gold_rate=0.5, top1_mass=0.4, topk_mass=0.8, gold_mass=0.3)
+    text = report.build_report(report.read_rows(str(rows_file)), {"test": str(ref)}, "bash study.sh", 600.0,
+                               report.__file__, analysis, n_samples=200)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"baseline_s1", "baseline_s2", "word_kd_s1", "word_kd_cached"} <= set(table)
+    assert "skipped: cache not available" in table["word_kd_cached"]
+    cells = [c.strip() for c in table["word_kd_s1"].strip("|").split("|")]
+    assert float(cells[1]) == 100.0 and float(cells[4]) < 0.05  # perfect output, significant vs the baseline
+    assert [c.strip() for c in table["baseline_s1"].strip("|").split("|")][4] == "-"
+    model = load_checkpoint_state(teacher_ckpt)["model"]
+    assert report.parameter_count(teacher_ckpt) < sum(t.numel() for t in model.values())  # tied embeddings once
+    assert f"{report.parameter_count(teacher_ckpt):,}" in table["word_kd_s1"]
+    assert "nrefs:1|bs:200" in text and "0.68-0.94" in text and "total time: 10.0 minutes" in text
+    assert "study_bleu.png" in text
