@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 from fairseq_kd.errors import DistillationError, exit_on_error
 from fairseq_kd.scoring import read_text
+from fairseq_kd.study import plots
 from fairseq_kd.textio import write_lines_atomic
 
 #: the TIE-KD paper's teacher analysis, as far as it could be verified (methods spec §2, [S])
@@ -104,7 +105,8 @@ def _p(value: Optional[float]) -> str:
 
 
 def build_report(rows, testsets: Dict[str, str], command: str, total_seconds: float, repo: str,
-                 analysis: Optional[dict] = None, n_samples: int = 1000) -> str:
+                 analysis: Optional[dict] = None, n_samples: int = 1000, collect: Optional[dict] = None) -> str:
+    """The markdown report; ``collect``, when given, receives ``{test set: {row: scores}}``."""
     scored_rows = [r for r in rows if r["status"] == "ok"]
     lines = [
         "# Distillation study: Multi30k En-De",
@@ -119,6 +121,8 @@ def build_report(rows, testsets: Dict[str, str], command: str, total_seconds: fl
     params = {r["row"]: parameter_count(r["checkpoint"]) for r in scored_rows}
     for name, ref in testsets.items():
         scores, signatures = score_testset(scored_rows, name, ref, n_samples)
+        if collect is not None:
+            collect[name] = scores
         base = [scores[r["row"]]["bleu"] for r in scored_rows if r["method"] == "baseline"]
         lines += [f"## {name}", "", f"baseline over {len(base)} seed(s): BLEU {statistics.mean(base):.2f}"
                   + (f" (std {statistics.stdev(base):.2f}, {min(base):.2f}..{max(base):.2f})" if len(base) > 1 else ""),
@@ -157,6 +161,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--total-seconds", type=float, required=True)
     parser.add_argument("--bootstrap-samples", type=int, default=1000)
     parser.add_argument("--out", required=True, help="markdown report")
+    parser.add_argument("--log", action="append", default=[], metavar="ROW=TRAIN_LOG",
+                        help="fairseq-train log of a row, for the validation curves")
+    parser.add_argument("--curves", default=None, help="write the validation curves of the --log files here (CSV)")
+    parser.add_argument("--plots", default=None, help="folder for study_bleu.png, study_valid_loss.png, study_bleu_vs_time.png")
     args = parser.parse_args(argv)
     with exit_on_error(parser.prog):
         testsets = {}
@@ -172,9 +180,25 @@ def main(argv: Optional[List[str]] = None) -> None:
             with open(args.analysis, encoding="utf-8") as f:
                 analysis = json.load(f)
         repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        text = build_report(read_rows(args.rows), testsets, args.command, args.total_seconds, repo, analysis,
-                            args.bootstrap_samples)
+        rows = read_rows(args.rows)
+        collected: dict = {}
+        text = build_report(rows, testsets, args.command, args.total_seconds, repo, analysis,
+                            args.bootstrap_samples, collected)
         write_lines_atomic(args.out, text.split("\n"))
+        logs = dict(item.split("=", 1) for item in args.log)
+        if args.curves and logs:
+            plots.write_curves_csv(logs, args.curves)
+        if args.plots:
+            first = collected[next(iter(testsets))]
+            ok = [r for r in rows if r["status"] == "ok" and r["row"] in first]
+            by_method: Dict[str, List[float]] = {}
+            for r in ok:
+                by_method.setdefault(r["method"], []).append(first[r["row"]]["bleu"])
+            plots.plot_bleu(by_method, os.path.join(args.plots, "study_bleu.png"))
+            plots.plot_bleu_vs_time({r["row"]: (float(r["seconds"]), first[r["row"]]["bleu"]) for r in ok},
+                                    os.path.join(args.plots, "study_bleu_vs_time.png"))
+            if args.curves and logs:
+                plots.plot_valid_curves(plots.read_curves_csv(args.curves), os.path.join(args.plots, "study_valid_loss.png"))
         print(f"report: {args.out}")
 
 
