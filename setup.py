@@ -37,7 +37,9 @@ setup(
         "ct2": ["ctranslate2>=4.0"],
         # COMET scores in the recipes' tables (--comet-model PATH)
         "comet": ["unbabel-comet>=2.0"],
-        "test": ["pytest>=7", "ctranslate2>=4.0"],
+        # the study's plots
+        "study": ["matplotlib"],
+        "test": ["pytest>=7", "ctranslate2>=4.0", "matplotlib"],
     },
     # the command-line tools, named in fairseq's style; each is also `python -m MODULE`
     entry_points={
@@ -50,6 +52,8 @@ setup(
             "fairseq-kd-score = fairseq_kd.scoring:main",
             "fairseq-kd-average-checkpoints = fairseq_kd.checkpoints:main_average",
             "fairseq-kd-build-cache = fairseq_kd.cache.cli:main",
+            "fairseq-kd-analyze-teacher = fairseq_kd.study.teacher_analysis:main",
+            "fairseq-kd-study-report = fairseq_kd.study.report:main",
         ],
     },
     classifiers=[

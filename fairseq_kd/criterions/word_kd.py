@@ -20,6 +20,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq_kd import losses
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.losses.topk_ablation import TOPK_MODES, word_kd_ablation_loss
 
 
 @dataclass
@@ -35,6 +36,11 @@ class WordKDConfig(KDCriterionConfig):
         default=0.1,
         metadata={"help": "share of the first argument in the second one's mixture (skl, srkl), in [0, 1)"},
     )
+    kd_topk_mode: ChoiceEnum(TOPK_MODES) = field(
+        default="all",
+        metadata={"help": "TIE-KD's ablations: all (Word-KD); no-top1: the teacher's top-1 probability moved "
+                  "onto the gold token; top1-only: -max(p_t) log p_s(argmax p_t)"},
+    )
 
 
 @register_criterion("word_kd", dataclass=WordKDConfig)
@@ -44,13 +50,27 @@ class WordKDCriterion(KDCriterion):
         if not 0.0 <= cfg.skew_lambda < 1.0:
             raise DistillationError(f"--skew-lambda must be in [0, 1), got {cfg.skew_lambda}")
 
+    @property
+    def loss_functions(self):
+        """(live, cached) losses: the top-1 ablations (--kd-topk-mode) need the full teacher distribution."""
+        if str(self.cfg.kd_topk_mode) == "all":
+            return losses.word_kd_loss, losses.word_kd_topk_loss
+        return word_kd_ablation_loss, None
+
+    @property
+    def ablation(self):
+        mode = str(self.cfg.kd_topk_mode)
+        return {"release_teacher": True} if mode == "all" else {"topk_mode": mode}
+
     def teacher_cache_error(self, manifest):
+        if str(self.cfg.kd_topk_mode) != "all":
+            return f"--kd-topk-mode {self.cfg.kd_topk_mode} needs the full teacher distribution: pass --teacher-path"
         return None  # every divergence is taken on the teacher's top-k + tail buckets
 
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
-            model, sample, teacher, losses.word_kd_loss, losses.word_kd_topk_loss,
-            divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda, release_teacher=True,
+            model, sample, teacher, *self.loss_functions,
+            divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda, **self.ablation,
         )
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         return loss, self.sample_size(sample), logging_output

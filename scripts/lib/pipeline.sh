@@ -370,3 +370,60 @@ pipeline_run() {
     run_plan
     [[ $DRY_RUN == 1 ]] || echo "results: $WORK/results.md"
 }
+
+# ---- stages of examples/multi30k/study.sh (seeds, timed rows, more test sets, teacher cache) ------------
+
+timed() {  # timed NAME CMD [ARGS...]: run CMD, write its wall seconds to WORK/NAME.seconds
+    local name=$1 start
+    shift
+    start=$(date +%s)
+    "$@"
+    echo $(( $(date +%s) - start )) > "$WORK/$name.seconds"
+}
+
+translate_split() {  # translate_split NAME SUBSET [DATA_DIR [TAG]]: SUBSET of DATA_DIR (BIN) -> WORK/NAME.TAG.hyp
+    local name=$1 subset=$2 data=${3:-$BIN} tag=${4:-$2} checkpoint n ref
+    checkpoint=$(checkpoint_of "$name")
+    require_file "$checkpoint" "the $name training stage did not finish"
+    ref=$(dirname "$data")/raw/$subset.$TGT
+    require_file "$ref" "the plain-text reference of $subset"
+    n=$(wc -l < "$ref")
+    "$PYTHON" -m fairseq_cli.generate "$data" --user-dir "$USER_DIR" --path "$checkpoint" \
+        --gen-subset "$subset" --beam "$TEST_BEAM" --lenpen "$LENPEN" --max-len-a 1.2 --max-len-b 10 \
+        --remove-bpe sentencepiece --batch-size "$TEST_BATCH" --required-batch-size-multiple 1 \
+        "${device[@]}" > "$WORK/$name.$tag.gen.tmp"
+    mv "$WORK/$name.$tag.gen.tmp" "$WORK/$name.$tag.gen"
+    "$PYTHON" -m fairseq_kd.scoring extract "$WORK/$name.$tag.gen" "$WORK/$name.$tag.hyp" --expect-lines "$n"
+}
+
+prepare_extra_test() {  # prepare_extra_test NAME SRC_FILE REF_FILE: WORK/extra/NAME/{raw,bin} with the study's SentencePiece and dictionary
+    local name=$1 src_file=$2 ref_file=$3 dir=$WORK/extra/$1
+    require_file "$src_file" "--extra-test $name: the source file is missing"
+    require_file "$ref_file" "--extra-test $name: the reference file is missing"
+    assert_lines "$ref_file" "$(wc -l < "$src_file")"
+    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/raw" "$dir.tmp/spm"
+    cp "$src_file" "$dir.tmp/raw/test.$SRC"
+    cp "$ref_file" "$dir.tmp/raw/test.$TGT"
+    "$PYTHON" - "$DATA/spm.model" "$dir.tmp" "$SRC" "$TGT" <<'PY'
+import sys
+import sentencepiece as spm
+model, out, *langs = sys.argv[1:]
+sp = spm.SentencePieceProcessor(model_file=model)
+for lang in langs:
+    with open(f"{out}/raw/test.{lang}", encoding="utf-8") as f, open(f"{out}/spm/test.{lang}", "w", encoding="utf-8") as g:
+        for line in f:
+            g.write(" ".join(sp.encode(line.rstrip("\n"), out_type=str)) + "\n")
+PY
+    "$PYTHON" -m fairseq_cli.preprocess --source-lang "$SRC" --target-lang "$TGT" --testpref "$dir.tmp/spm/test" \
+        --destdir "$dir.tmp/bin" --srcdict "$BIN/dict.$SRC.txt" --tgtdict "$BIN/dict.$TGT.txt" --workers 1
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+teacher_cache_available() {  # the offline teacher cache tool is in this checkout
+    "$PYTHON" -m fairseq_kd.cache --help >/dev/null 2>&1
+}
+
+build_teacher_cache() {  # WORK/teacher_cache: the teacher's top-k over the training split
+    "$PYTHON" -m fairseq_kd.cache build "$BIN" --teacher-path "$WORK/teacher/checkpoint_best.pt" \
+        --subset train --out "$WORK/teacher_cache" "${device[@]}"
+}

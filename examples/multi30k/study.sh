@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# The distillation study on Multi30k English->German: one teacher, every KD method, seeds, scores, plots.
+#
+#   bash examples/multi30k/study.sh [--size study|tiny] [--data-root DIR] [--work DIR]
+#        [--extra-test NAME=SRC_FILE,REF_FILE]...
+#
+# Rows (one student architecture, the same number of updates): baseline and word_kd with 3 seeds,
+# word_kd from the offline teacher cache (skipped with the reason when fairseq_kd.cache is absent),
+# seq_kd on the teacher's beam-5 translations, Word-KD + Seq-KD, tie_kd, self_evolution_kd,
+# hybrid_gated_kd (offline sentence targets), selective_kd, word_kd with the reverse KL.  Every row
+# is scored on test_2016_flickr (the corpus' test split), the validation split and every
+# --extra-test with sacreBLEU BLEU/chrF, paired bootstrap against the baseline; the teacher
+# analysis (fairseq-kd-analyze-teacher) runs on the validation split.  Outputs in
+# examples/multi30k/results/ (--size study) or WORK/results (--size tiny): study.md, the PNG plots,
+# valid_curves.csv.  Every stage is resumable (WORK/stages); two KD students train at a time.
+#
+# Sizing (--size study), measured here with one intra-op thread per process, --max-tokens 4096
+# (~3,800 target tokens per update), SentencePiece 4k (29k pairs: 516k target tokens = 136 updates
+# per epoch).  CPU seconds per update, measured on this 2-core machine while other jobs loaded it
+# (load average 7-9, so these are upper bounds):
+#   student 128-dim 2+2 (ffn 512), LS-CE:           1.1 s   (8k vocabulary: 1.6 s)
+#   teacher 256-dim 3+3 (ffn 1024), LS-CE:          3.4 s   (8k vocabulary: 4.2 s)
+#   word_kd student with the live 256-dim teacher:  2.95 s  (the teacher's forward is ~1.5 s of it)
+#   teacher beam-5 decoding: ~33 s per 1,000 sentences -> ~830 s for the 29k training sources
+#   process start-up (imports, data, model): ~14 s
+# Other criteria from the measured ratios of docs (performance notes), with this teacher:
+#   seq_kd 1.1, word_kd cached ~1.2, word_kd rkl / selective_kd / Word-KD+Seq-KD ~3.0,
+#   self_evolution_kd ~3.6, hybrid_gated_kd (offline) ~4.0, tie_kd (3 iterations) ~8.6 s per update.
+# With STUDENT_UPDATES=300, TEACHER_UPDATES=700:
+#   phase 1: teacher 700 x 3.4 = 2,380 s on one core; the 3 baselines (3 x 300 x 1.1 = 990 s) on the other
+#   phase 2: beam-5 decoding in 2 shards ~420 s, teacher cache ~170 s
+#   phase 3: KD students 300 x (3 x 2.95 + 1.2 + 1.1 + 3.0 + 8.6 + 3.6 + 4.0 + 3.0 + 3.0) = 10,860 CPU s
+#            on 2 cores = 5,430 s
+#   phase 4: 15 models x (test + valid) beam-5 decoding ~600 CPU s on 2 cores = 300 s; analysis, report ~100 s
+#   total ~ 80 (prepare) + 2,380 + 590 + 5,430 + 400 = 8,880 s = 148 min  (<= 150 min)
+# The teacher (2.4x the student's width, 5 epochs) is meant to be several BLEU above the
+# 2-epoch baseline student: the study is about what KD adds to an under-trained small student.
+# --size tiny: a few hundred lines and a few updates, for the test (tests/test_study.py).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+SIZE=study
+DATA_ROOT=$REPO/../shared/data
+WORK=
+PYTHON=${PYTHON:-python}
+SRC=en
+TGT=de
+EXTRA_TESTS=()
+COMMAND="bash examples/multi30k/study.sh $*"
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --size) SIZE=$2; shift 2 ;;
+        --data-root) DATA_ROOT=$2; shift 2 ;;
+        --work) WORK=$2; shift 2 ;;
+        --extra-test) EXTRA_TESTS+=("$2"); shift 2 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "study.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+case $SIZE in
+    study)
+        TRAIN_LINES=; VALID_LINES=; TEST_LINES=; VOCAB=4000
+        TEACHER_ARCH="--encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 --encoder-layers 3 --decoder-layers 3 --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.3"
+        STUDENT_ARCH="--encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --encoder-layers 2 --decoder-layers 2 --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.1"
+        TEACHER_UPDATES=700; STUDENT_UPDATES=300; LR=0.002; WARMUP=200; MAX_TOKENS=4096; VALIDATE=50
+        TRAIN_BEAM=5; TEST_BEAM=5; BOOTSTRAP=1000
+        RESULTS=${RESULTS:-$REPO/examples/multi30k/results}
+        ;;
+    tiny)
+        TRAIN_LINES=300; VALID_LINES=40; TEST_LINES=30; VOCAB=400
+        TEACHER_ARCH="--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
+        STUDENT_ARCH="--encoder-embed-dim 16 --decoder-embed-dim 16 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
+        TEACHER_UPDATES=6; STUDENT_UPDATES=2; LR=0.003; WARMUP=2; MAX_TOKENS=2000; VALIDATE=1
+        TRAIN_BEAM=2; TEST_BEAM=1; BOOTSTRAP=50
+        RESULTS=${RESULTS:-}
+        ;;
+    *) echo "study.sh: error: --size must be study or tiny, got $SIZE" >&2; exit 2 ;;
+esac
+
+RECIPE=study.sh
+WORK=${WORK:-$REPO/work/multi30k_${SRC}_${TGT}_study_$SIZE}
+RESULTS=${RESULTS:-$WORK/results}
+CORPUS=multi30k_${SRC}_${TGT}
+TEST_FROM_VALID=; WORKERS=1
+TRAIN_ARGS="--share-all-embeddings --optimizer adam --adam-betas (0.9,0.98)
+    --lr-scheduler inverse_sqrt --warmup-updates $WARMUP --warmup-init-lr 1e-07 --clip-norm 1.0
+    --max-tokens $MAX_TOKENS --seed 1 --no-epoch-checkpoints --keep-last-epochs 1 --patience -1
+    --num-workers 0 --log-interval 10 --log-format simple --no-progress-bar
+    --validate-interval-updates $VALIDATE --save-interval-updates $VALIDATE --keep-interval-updates 1"
+TEACHER_ARGS="--arch transformer $TEACHER_ARCH --lr $LR"
+STUDENT_ARGS="--arch transformer $STUDENT_ARCH --lr $LR"
+STUDENTS=baseline
+STUDENT_AVERAGE=0; AVERAGE_UPPER_BOUND=
+DECODE_SHARDS=2; DECODE_PARALLEL=2; DECODE_ARGS="--max-len-a 1.2 --max-len-b 10"
+LENPEN=1; TEST_BATCH=128; FP16=0
+
+# shellcheck source=../../scripts/lib/pipeline.sh
+source "$REPO/scripts/lib/pipeline.sh"
+pipeline_setup
+STUDY_START=$(date +%s)
+
+# ---- the rows -------------------------------------------------------------------------------------
+ROWS="baseline_s1 baseline_s2 baseline_s3 word_kd_s1 word_kd_s2 word_kd_s3 word_kd_cached seq_kd word_seq_kd
+    tie_kd self_evolution_kd hybrid_gated_kd selective_kd word_kd_rkl"
+
+row_flags() {  # row_flags ROW: the fairseq-train flags of a row (into the array `flags`)
+    local teacher=(--task distillation_translation --teacher-path "$WORK/teacher/checkpoint_best.pt")
+    case ${1%_s[0-9]} in
+        baseline) flags=(--task distillation_translation --criterion label_smoothed_cross_entropy --label-smoothing 0.1) ;;
+        word_kd) flags=("${teacher[@]}" --criterion word_kd --kd-alpha 0.5) ;;
+        word_kd_cached) flags=(--task distillation_translation --teacher-cache "$WORK/teacher_cache" --criterion word_kd --kd-alpha 0.5) ;;
+        seq_kd) flags=(--task distillation_translation --teacher-target-subset train_teacher --criterion seq_kd) ;;
+        word_seq_kd) flags=("${teacher[@]}" --teacher-target-subset train_teacher --criterion seq_kd --kd-alpha 0.5) ;;
+        tie_kd) flags=("${teacher[@]}" --criterion tie_kd --kd-alpha 0.5 --tie-topk 5 --tie-iterations 3 --ddp-backend legacy_ddp) ;;
+        self_evolution_kd) flags=("${teacher[@]}" --criterion self_evolution_kd --kd-alpha 0.5) ;;
+        hybrid_gated_kd) flags=("${teacher[@]}" --teacher-target-subset train_teacher --criterion hybrid_gated_kd --hybrid-sent-target offline --kd-alpha 0.5) ;;
+        selective_kd) flags=("${teacher[@]}" --criterion selective_kd) ;;
+        word_kd_rkl) flags=("${teacher[@]}" --criterion word_kd --kd-alpha 0.5 --kd-divergence rkl) ;;
+    esac
+    if [[ $1 == *_s[0-9] ]]; then
+        flags+=(--seed "${1##*_s}")
+    fi
+}
+
+train_row() {  # train_row ROW
+    local flags
+    row_flags "$1"
+    timed "student_$1" train "student_$1" "$STUDENT_UPDATES" student_args "${flags[@]}"
+}
+
+translate_row() {  # translate_row NAME: test, valid and every extra test set
+    local spec
+    translate_split "$1" test
+    translate_split "$1" valid
+    for spec in "${EXTRA_TESTS[@]}"; do
+        translate_split "$1" test "$WORK/extra/${spec%%=*}/bin" "${spec%%=*}"
+    done
+}
+
+lane() {  # lane ROW...: train and translate the rows one after the other
+    local r
+    for r in "$@"; do
+        stage "student_$r" train_row "$r"
+        stage "translate_student_$r" translate_row "student_$r"
+    done
+}
+
+CACHE_OK=1
+teacher_cache_available || CACHE_OK=0
+
+# ---- stages ---------------------------------------------------------------------------------------
+stage prepare prepare
+for spec in "${EXTRA_TESTS[@]}"; do
+    name=${spec%%=*}; files=${spec#*=}
+    [[ $spec == *=*,* && $name =~ ^[A-Za-z0-9_]+$ ]] || die "--extra-test $spec: expected NAME=SRC_FILE,REF_FILE (NAME letters, digits, _)"
+    stage "extra_test_$name" prepare_extra_test "$name" "${files%%,*}" "${files#*,}"
+done
+# phase 1: the teacher on one core, the baselines (no teacher needed) on the other
+( stage teacher timed teacher train_teacher ) > "$WORK/lane_teacher.log" 2>&1 &
+teacher_pid=$!
+( lane baseline_s1 baseline_s2 baseline_s3 ) > "$WORK/lane_baselines.log" 2>&1 &
+baseline_pid=$!
+wait "$teacher_pid" || die "the teacher stage failed: see $WORK/lane_teacher.log"
+wait "$baseline_pid" || die "a baseline stage failed: see $WORK/lane_baselines.log"
+stage translate_teacher translate_row teacher
+stage decode_train_with_teacher decode_train_with_teacher
+if [[ $CACHE_OK == 1 ]]; then
+    stage teacher_cache build_teacher_cache
+else
+    echo "study.sh: word_kd_cached skipped: cache not available (python -m fairseq_kd.cache --help failed)"
+fi
+stage teacher_analysis "$PYTHON" -m fairseq_kd.study.teacher_analysis "$BIN" \
+    --path "$WORK/teacher/checkpoint_best.pt" --subset valid --topk 5 --json "$WORK/teacher_analysis.json"
+# phase 3: the KD students, two at a time (tie_kd, the longest, alone in one lane with the cheap rows)
+LANE_A="tie_kd seq_kd word_kd_s3 selective_kd"
+LANE_B="word_kd_s1 word_kd_s2 self_evolution_kd hybrid_gated_kd word_seq_kd word_kd_rkl"
+[[ $CACHE_OK == 1 ]] && LANE_A+=" word_kd_cached"
+# shellcheck disable=SC2086
+( lane $LANE_A ) > "$WORK/lane_a.log" 2>&1 &
+lane_a=$!
+# shellcheck disable=SC2086
+( lane $LANE_B ) > "$WORK/lane_b.log" 2>&1 &
+lane_b=$!
+wait "$lane_a" || die "a student stage failed: see $WORK/lane_a.log"
+wait "$lane_b" || die "a student stage failed: see $WORK/lane_b.log"
+
+# ---- report ---------------------------------------------------------------------------------------
+mkdir -p "$RESULTS"
+rows_file=$WORK/rows.tsv
+: > "$rows_file.tmp"
+testsets=(--testset "test=$DATA/raw/test.$TGT" --testset "valid=$DATA/raw/valid.$TGT")
+for spec in "${EXTRA_TESTS[@]}"; do
+    files=${spec#*=}
+    testsets+=(--testset "${spec%%=*}=${files#*,}")
+done
+logs=()
+printf 'teacher\tteacher\t1\t%s\t%s\t%s\tok\n' "$WORK/teacher" "$(checkpoint_of teacher)" "$(cat "$WORK/teacher.seconds")" >> "$rows_file.tmp"
+for r in $ROWS; do
+    method=${r%_s[0-9]}; seed=1
+    [[ $r == *_s[0-9] ]] && seed=${r##*_s}
+    if [[ $r == word_kd_cached && $CACHE_OK == 0 ]]; then
+        printf '%s\t%s\t%s\t%s\t-\t0\tskipped: cache not available\n' "$r" "$method" "$seed" "$WORK/student_$r" >> "$rows_file.tmp"
+        continue
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$r" "$method" "$seed" "$WORK/student_$r" \
+        "$(checkpoint_of "student_$r")" "$(cat "$WORK/student_$r.seconds")" >> "$rows_file.tmp"
+    logs+=("$r=$WORK/student_$r.train.log")
+done
+mv "$rows_file.tmp" "$rows_file"
+"$PYTHON" -m fairseq_kd.study.report --rows "$rows_file" "${testsets[@]}" --analysis "$WORK/teacher_analysis.json" \
+    --curves "$RESULTS/valid_curves.csv" --plots "$RESULTS" \
+    --bootstrap-samples "$BOOTSTRAP" --command "$COMMAND" --total-seconds $(( $(date +%s) - STUDY_START )) \
+    --out "$RESULTS/study.md" "${logs[@]/#/--log=}"
+echo "results: $RESULTS/study.md"
