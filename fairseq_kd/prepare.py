@@ -201,9 +201,9 @@ def prepare(
     return bin_dir
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, help="corpus folder name, e.g. multi30k_en_de")
+def add_corpus_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """The corpus, languages, output folder and slice sizes: the arguments every preparation command takes."""
+    parser.add_argument("--corpus", required=True, help=f"corpus folder name, e.g. {example}")
     parser.add_argument("--data-root", required=True, help="folder holding the corpus folders (downloaded there if absent)")
     parser.add_argument("--src", required=True, help="source language suffix")
     parser.add_argument("--tgt", required=True, help="target language suffix")
@@ -211,6 +211,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--train-lines", type=int, default=None, help="use only the first N training pairs")
     parser.add_argument("--valid-lines", type=int, default=None, help="use only the first N validation pairs")
     parser.add_argument("--test-lines", type=int, default=None, help="use only the first N test pairs")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_corpus_arguments(parser, "multi30k_en_de")
     parser.add_argument("--vocab-size", type=int, default=4000, help="joint SentencePiece vocabulary size")
     parser.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
     parser.add_argument(

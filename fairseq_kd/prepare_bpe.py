@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from fairseq_kd.corpora import locate_corpus, read_lines
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.prepare import SPLITS, slice_corpus
+from fairseq_kd.prepare import SPLITS, add_corpus_arguments, slice_corpus
 from fairseq_kd.textio import write_lines_atomic
 
 MAX_TOKENS = 250  # clean-corpus-n.perl ... 1 250
@@ -166,14 +166,7 @@ def binarize(text_dir: str, bin_dir: str, src: str, tgt: str, workers: int, dict
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, help="corpus folder name, e.g. wmt14_en_de")
-    parser.add_argument("--data-root", required=True, help="folder holding the corpus folders")
-    parser.add_argument("--src", required=True, help="source language suffix")
-    parser.add_argument("--tgt", required=True, help="target language suffix")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--train-lines", type=int, default=None, help="use only the first N training pairs")
-    parser.add_argument("--valid-lines", type=int, default=None, help="use only the first N validation pairs")
-    parser.add_argument("--test-lines", type=int, default=None, help="use only the first N test pairs")
+    add_corpus_arguments(parser, "wmt14_en_de")
     parser.add_argument("--merges", type=int, default=40000, help="joint BPE merge operations (fairseq's scripts: 40000)")
     parser.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
     parser.add_argument("--test-from-valid", type=int, default=None, metavar="N",

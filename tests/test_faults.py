@@ -220,6 +220,33 @@ def test_nonfinite_teacher_output_stops_at_that_step_naming_teacher_and_batch(ma
     assert str(sample["id"][:5].tolist()) in message
 
 
+def test_cache_build_refuses_nonfinite_teacher_output_and_writes_nothing(prepared, teacher_ckpt, tmp_path):
+    import numpy as np
+
+    from fairseq_kd.cache.build import build_shard
+    from fairseq_kd.decoding.fairseq_backend import build_task
+
+    task = build_task(prepared.bin, "en", "de")  # as the cache build sets it up
+    task.cfg.dataset_impl, task.cfg.required_seq_len_multiple = None, 1
+    task.load_dataset("valid")
+    teacher = load_teacher([teacher_ckpt], task).to("cpu")
+    with torch.no_grad():
+        teacher.models[0].decoder.layers[0].fc1.weight[0, 0] = math.nan
+    with pytest.raises(DistillationError, match=f"teacher {teacher_ckpt} produced NaN/inf log-probabilities"):
+        build_shard(teacher, task.datasets["valid"], str(tmp_path), 0, 1, 8, 1.0, np.uint16, "cpu", 4096, None,
+                    progress=False)
+    assert not [n for n in os.listdir(tmp_path) if not n.endswith(".tmp")]  # no shard under its final name
+
+
+def test_iterative_distillation_refuses_the_teacher_cache(prepared, tmp_path):
+    from fairseq_kd.tasks.iterative_distillation import IterativeDistillationConfig, IterativeDistillationTask
+
+    cfg = IterativeDistillationConfig(data=prepared.bin, source_lang="en", target_lang="de",
+                                      teacher_cache=str(tmp_path), unlabeled_subset="mono")
+    with pytest.raises(DistillationError, match="--teacher-cache .* pass --teacher-path"):
+        IterativeDistillationTask.setup_task(cfg)
+
+
 def test_teacher_flag_ignores_minus_inf_and_resets():
     teacher = TeacherEnsemble([torch.nn.Linear(1, 1)])
     teacher._flag_nonfinite(torch.tensor([[0.0, -math.inf]]))

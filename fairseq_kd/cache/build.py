@@ -115,6 +115,12 @@ def build_shard(teacher, dataset, out_dir: str, shard_id: int, num_shards: int, 
                 sample = dataset.collater([dataset[int(i)] for i in batch])
                 sample = utils.apply_to_sample(lambda t: t.to(device), sample)
                 ids, values = teacher_topk(teacher, sample["net_input"], k, temperature)
+                if torch.isnan(values).any() or torch.isposinf(values).any():
+                    paths = ":".join(getattr(teacher, "paths", [])) or "the teacher"
+                    raise DistillationError(
+                        f"teacher {paths} produced NaN/inf log-probabilities for examples "
+                        f"{sample['id'][:5].tolist()}...: check the teacher checkpoint; shard {shard_id} was not written"
+                    )
                 ids, values = ids.cpu().numpy(), values.cpu().half().numpy()
                 for b, example in enumerate(sample["id"].tolist()):
                     length = int(sample["target"][b].ne(dataset.tgt_dict.pad()).sum())

@@ -142,21 +142,16 @@ class HybridGatedKDCriterion(KDCriterion):
             self.cfg.gate_prior_weight,
         )
         loss, gate_log = hybrid_gate.student_loss(self.alpha, hybrid, gold_ls, gate_objective)
-        logging_output.update(gate_log)
-        logging_output.update(self.base_logging_output(sample, loss, gold_nll))
-        logging_output.update(hybrid_gate.gate_statistics(gate_values))
+        logging_output.update(**gate_log, **self.base_logging_output(sample, loss, gold_nll),
+                              **hybrid_gate.gate_statistics(gate_values))
         return loss, self.sample_size(sample), logging_output
 
     # -- metrics -------------------------------------------------------------------
 
     per_token_keys = ()
-    ratio_keys = (
-        ("kd_agree", "kd_tokens", "kd_top1_agree"),
-        ("gate_sum", "gate_count", "gate_mean"),
-        ("tok_loss", "tok_tokens", "tok_loss"),
-        ("sent_loss", "sent_tokens", "sent_loss"),
-        ("sent_nll", "sent_tokens", "sent_nll"),
-    )
+    ratio_keys = (("kd_agree", "kd_tokens", "kd_top1_agree"), ("gate_sum", "gate_count", "gate_mean"),
+                  ("tok_loss", "tok_tokens", "tok_loss"), ("sent_loss", "sent_tokens", "sent_loss"),
+                  ("sent_nll", "sent_tokens", "sent_nll"))
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -1,20 +1,11 @@
 """TIE-KD (Zhang et al., ACL 2023, arXiv 2305.08096; code songmzhang/NMT-KD).
 
-``loss = (1 - alpha) * LS-NLL(gold) + alpha * (1/N) * sum_n sum_m (KL_n + rank_n)``
-
-* ``KL_n``: ``KL(p_t || p_s)`` with the reference's ``log(p + 1e-6)``
-  (``--tie-exact-kl`` for the exact KL), see :func:`fairseq_kd.losses.tie_kd_kl`;
-* ``rank_n``: the hierarchical ranking loss (top-1 level + top-k level) over the
-  teacher's and the student's top ``--tie-topk`` tokens, see
-  :func:`fairseq_kd.losses.hierarchical_ranking`;
-* pass ``n = 1`` decodes the gold prefixes; each later pass decodes the
-  student's greedy predictions of the previous (teacher-forced) pass, shifted
-  right, with both encoders run once.  The LS-NLL uses pass 1 only.
-
-Sums are over the non-pad gold target positions in every pass.  The sample is
-never modified.  The student's encoder and decoder are called separately, so
-multi-GPU training needs ``--ddp-backend legacy_ddp`` (as in the reference
-recipe); torch's DistributedDataParallel would silently skip the gradient sync.
+``loss = (1 - alpha) * LS-NLL(gold) + alpha * (1/N) * sum_n sum_m (KL_n + rank_n)``: the KL with the
+reference's ``log(p + 1e-6)`` (:func:`fairseq_kd.losses.tie_kd_kl`) plus the hierarchical ranking loss
+over the top ``--tie-topk`` tokens (:func:`fairseq_kd.losses.hierarchical_ranking`); pass 1 decodes
+the gold prefixes, each later pass the student's shifted greedy predictions of the previous one, both
+encoders run once, the LS-NLL on pass 1 only (docs/tie_kd.md).  The student's encoder and decoder
+are called separately, so multi-GPU training needs ``--ddp-backend legacy_ddp``.
 """
 
 from dataclasses import dataclass, field
@@ -35,31 +26,19 @@ from fairseq_kd.losses.ranking import shift_predictions
 
 @dataclass
 class TieKDConfig(KDCriterionConfig):
-    tie_topk: int = field(
-        default=5,
-        metadata={"help": "k of the ranking loss: how many of the teacher's and of the student's "
-                  "most probable tokens are ranked against each other"},
-    )
-    tie_iterations: int = field(
-        default=3,
-        metadata={"help": "decoder passes per batch (N); pass 1 reads the gold prefixes, every later "
-                  "pass the student's greedy predictions of the previous one; 1 turns the "
-                  "iterative part off"},
-    )
-    tie_no_rank: bool = field(
-        default=False,
-        metadata={"help": "ablation: drop the hierarchical ranking loss, keep only the KL term"},
-    )
-    tie_exact_kl: bool = field(
-        default=False,
-        metadata={"help": "use the exact KL (log-softmax) instead of the reference code's "
-                  "log(p + 1e-6) on both distributions"},
-    )
-    tie_keep_pad_predictions: bool = field(
-        default=False,
-        metadata={"help": "feed predicted pad ids back as the reference code does; by default they "
-                  "are replaced by unk so that the decoder does not mask them as padding"},
-    )
+    tie_topk: int = field(default=5, metadata={
+        "help": "k of the ranking loss: how many of the teacher's and of the student's most probable tokens "
+        "are ranked against each other"})
+    tie_iterations: int = field(default=3, metadata={
+        "help": "decoder passes per batch (N); pass 1 reads the gold prefixes, every later pass the student's "
+        "greedy predictions of the previous one; 1 turns the iterative part off"})
+    tie_no_rank: bool = field(default=False, metadata={
+        "help": "ablation: drop the hierarchical ranking loss, keep only the KL term"})
+    tie_exact_kl: bool = field(default=False, metadata={
+        "help": "use the exact KL (log-softmax) instead of the reference code's log(p + 1e-6) on both distributions"})
+    tie_keep_pad_predictions: bool = field(default=False, metadata={
+        "help": "feed predicted pad ids back as the reference code does; by default they are replaced by unk "
+        "so that the decoder does not mask them as padding"})
 
 
 @register_criterion("tie_kd", dataclass=TieKDConfig)

@@ -52,7 +52,7 @@ def check_data_parallel(criterion, model) -> None:
 
 def check_teacher_output(teacher, sample, update_num: int) -> None:
     """Stop at the first step whose teacher output held NaN or +inf (reads the teacher's flag)."""
-    # a cached teacher has no live output to check (the cache build checks what it stores)
+    # a cached teacher has no live output to check (the cache build refuses non-finite values)
     if teacher is None or not hasattr(teacher, "take_nonfinite") or not teacher.take_nonfinite():
         return
     ids = sample.get("id") if isinstance(sample, dict) else None

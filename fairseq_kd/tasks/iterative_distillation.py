@@ -50,7 +50,6 @@ Multi-GPU training needs ``--ddp-backend legacy_ddp`` (the student runs twice
 per batch, which torch's DistributedDataParallel cannot synchronise).
 """
 
-import contextlib
 import logging
 import math
 import os
@@ -67,7 +66,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import load_langpair_dataset
 from torch import Tensor
 
-from fairseq_kd.criterions.base import KDCriterion
+from fairseq_kd.criterions.base import wrapped_in_torch_ddp
 from fairseq_kd.data.mixed_source import (
     MixedSourceDataset,
     select_rows,
@@ -76,6 +75,11 @@ from fairseq_kd.data.mixed_source import (
 )
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.tasks import guards
+from fairseq_kd.tasks.source_only import (  # noqa: F401  (EXTRA_GOLD_TERMS re-exported)
+    EXTRA_GOLD_TERMS,
+    check_source_only_criterion,
+    distillation_only,
+)
 from fairseq_kd.tasks.distillation_translation import (
     DistillationTranslationConfig,
     DistillationTranslationTask,
@@ -84,12 +88,6 @@ from fairseq_kd.tasks.distillation_translation import (
 logger = logging.getLogger(__name__)
 
 PREFIX_SOURCES = ("teacher", "student", "offline")
-
-#: criterion options that weight further gold-target terms: they have no
-#: meaning on a source-only example, so they must be 0 (option -> flag)
-EXTRA_GOLD_TERMS = {
-    "sekd_nll_weight": "--sekd-nll-weight",
-}
 
 #: prefix of the logged keys of the source-only sub-batch
 UNLABELED = "unl_"
@@ -139,46 +137,6 @@ class IterativeDistillationConfig(DistillationTranslationConfig):
     )
 
 
-def check_source_only_criterion(criterion, name: str) -> None:
-    """Raise unless ``criterion`` can distil on source-only examples: a KD
-    criterion that uses a live teacher and has no further gold-target term."""
-    if not isinstance(criterion, KDCriterion) or not getattr(criterion, "needs_teacher", False):
-        raise DistillationError(
-            f"criterion {name} has no distillation term for source-only examples "
-            f"(--unlabeled-subset): use a KD criterion with a live teacher, e.g. word_kd or tie_kd"
-        )
-    if getattr(criterion, "needs_teacher_target", False):
-        raise DistillationError(
-            f"criterion {name} trains on teacher targets of the bitext, which source-only examples "
-            f"do not have: use word_kd (or tie_kd) with --prefix-source offline for the teacher's "
-            f"labels of the source-only split"
-        )
-    for option, flag in EXTRA_GOLD_TERMS.items():
-        value = getattr(criterion.cfg, option, 0.0)
-        if value:
-            raise DistillationError(
-                f"{flag} {value} adds a gold-target term, which source-only examples "
-                f"(--unlabeled-subset) do not have: set {flag} 0"
-            )
-
-
-@contextlib.contextmanager
-def distillation_only(criterion: KDCriterion):
-    """Within the block, ``criterion`` returns its distillation term alone
-    (weight 1, no NLL term): its ``alpha`` is 1."""
-    saved = criterion.alpha
-    criterion.alpha = 1.0
-    try:
-        yield criterion
-    finally:
-        criterion.alpha = saved
-
-
-def _wrapped_in_torch_ddp(model) -> bool:
-    ddp = torch.nn.parallel.DistributedDataParallel
-    return isinstance(model, ddp) or isinstance(getattr(model, "module", None), ddp)
-
-
 def _unwrap(model):
     """The fairseq model inside a (legacy) data-parallel wrapper."""
     return getattr(model, "module", model)
@@ -200,6 +158,11 @@ class IterativeDistillationTask(DistillationTranslationTask):
             raise DistillationError(
                 f"--unlabeled-target-subset is only read with --prefix-source offline "
                 f"(got --prefix-source {self.prefix_source}): drop one of them"
+            )
+        if cfg.teacher_cache:
+            raise DistillationError(
+                "--teacher-cache holds the teacher on the bitext's gold prefixes only; iterative_distillation "
+                "labels source-only text and new prefixes with the live teacher: pass --teacher-path"
             )
         if not cfg.unlabeled_subset:
             if cfg.unlabeled_target_subset:
@@ -380,7 +343,7 @@ class IterativeDistillationTask(DistillationTranslationTask):
         if "has_reference" not in sample:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         guards.check_data_parallel(criterion, model)
-        if _wrapped_in_torch_ddp(model):
+        if wrapped_in_torch_ddp(model):
             raise DistillationError(
                 "iterative_distillation runs the student twice per batch (bitext and source-only "
                 "rows), which torch's DistributedDataParallel cannot sync: train with "
