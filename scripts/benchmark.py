@@ -501,8 +501,10 @@ def build_cache(bin_dir, teacher, out_dir, threads):
     if not os.path.isfile(os.path.join(out_dir, "manifest.json")):
         run([sys.executable, "-m", "fairseq_kd.cache", "build", "--data", bin_dir, "--split", "train",
              "--path", teacher, "--out-dir", out_dir, "--k", str(CACHE_K), "--cpu", "--no-progress-bar"], threads)
-    tokens = int(data_utils.load_indexed_dataset(
-        os.path.join(bin_dir, f"train.{SRC}-{TGT}.{TGT}"), None, None).sizes.sum())
+    # keep the dataset alive while its sizes are read: they are a view of its memory map
+    target = data_utils.load_indexed_dataset(os.path.join(bin_dir, f"train.{SRC}-{TGT}.{TGT}"), None, None)
+    tokens = int(target.sizes.sum())
+    del target
     data = index = 0
     for folder, _, files in os.walk(out_dir):
         for name in files:

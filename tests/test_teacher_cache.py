@@ -268,7 +268,8 @@ def _one_line_error(proc, *needles):
 
 
 def test_build_refuses_another_teacher_or_k(prepared, teacher_ckpt, cache8, tmp_path):
-    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)
+    # the safe loader: importing fairseq_kd allow-listed the classes fairseq checkpoints hold
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
     first = next(iter(state["model"]))
     state["model"][first] = state["model"][first] + 0.01
     other = str(tmp_path / "other_teacher.pt")

@@ -277,7 +277,7 @@ build_teacher_cache() {  # the offline teacher cache, one shard per GPU / array 
     launch_shards "$NUM_SHARDS" "$SHARD_IDS" "$PYTHON" -m fairseq_kd.cache build --data "$BIN" \
         --path "$TEACHER_CKPT" --out-dir "$WORK/teacher_cache" "${device[@]}" "${teacher_precision[@]}" "${teacher_data[@]}" "${extra[@]}"
     if (( NODES > 1 && NODE_RANK == 0 )); then
-        wait_for_shards "$WORK/teacher_cache/shard%03d-of-%03d.done" "$NUM_SHARDS" 604800 || die "teacher cache shards missing"
+        wait_for_shards "$WORK/teacher_cache/shard%03d-of-%03d/lprobs.idx" "$NUM_SHARDS" 604800 || die "teacher cache shards missing"
     fi
 }
 
@@ -423,7 +423,3 @@ teacher_cache_available() {  # the offline teacher cache tool is in this checkou
     "$PYTHON" -m fairseq_kd.cache --help >/dev/null 2>&1
 }
 
-build_teacher_cache() {  # WORK/teacher_cache: the teacher's top-k over the training split
-    "$PYTHON" -m fairseq_kd.cache build "$BIN" --teacher-path "$WORK/teacher/checkpoint_best.pt" \
-        --subset train --out "$WORK/teacher_cache" "${device[@]}"
-}
