@@ -1,6 +1,7 @@
 """Run fairseq's and fairseq-kd's command-line tools as subprocesses."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -57,3 +58,10 @@ def generate(data_dir, checkpoint, *extra, **kwargs):
          "--batch-size", "64", *GENERATE_BATCHING, *extra],
         **kwargs,
     )
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a --distributed-init-method of local ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,7 +11,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -143,15 +142,9 @@ def test_dictionary_mismatch(prepared, teacher_ckpt, tmp_path):
     assert "index 14" in line
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_data_parallel_on_cpu(prepared, teacher_ckpt, tmp_path):
     save_dir = str(tmp_path / "ddp")
-    port = _free_port()
+    port = cli.free_port()
     procs = []
     for rank in range(2):
         cmd = [

@@ -104,14 +104,8 @@ def test_criterions_calling_model_parts_refuse_torch_ddp_before_any_step(criteri
     assert all(p.grad is None for p in model.parameters())  # refused before the forward
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(data, save_dir, flags, backend):
-    port = _free_port()
+    port = cli.free_port()
     procs = []
     for rank in range(2):
         cmd = [sys.executable, "-m", "fairseq_cli.train", data, "--save-dir", save_dir, *cli.TINY_ARCH,
@@ -178,7 +172,7 @@ dist.destroy_process_group()
 def test_under_torch_ddp_on_two_gloo_ranks_the_task_refuses_before_any_step(module, cls, cfg):
     """torch's DDP on 2 CPU ranks: through the wrapped forward (word_kd) the ranks' gradients are
     all-reduced; calling encoder and decoder separately they are not, and the task refuses that."""
-    script = DDP_RANK.format(repo=cli.REPO, module=module, cls=cls, cfg=cfg, port=_free_port())
+    script = DDP_RANK.format(repo=cli.REPO, module=module, cls=cls, cfg=cfg, port=cli.free_port())
     procs = [subprocess.Popen([sys.executable, "-c", script, str(rank)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=cli.REPO, env=ENV) for rank in range(2)]
     for p in procs:

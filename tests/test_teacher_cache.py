@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -322,15 +321,9 @@ def test_training_refuses_another_dictionary_split_or_temperature(prepared, teac
     _one_line_error(proc, manifest, "temperature is 1.0 in the cache, 2.0 here")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_data_parallel_training_from_the_cache(prepared, cache8, tmp_path):
     save_dir = str(tmp_path / "ddp")
-    port = _free_port()
+    port = cli.free_port()
     procs = []
     for rank in range(2):
         cmd = [
