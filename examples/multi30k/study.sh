@@ -99,29 +99,56 @@ LENPEN=1; TEST_BATCH=128; FP16=0
 # shellcheck source=../../scripts/lib/pipeline.sh
 source "$REPO/scripts/lib/pipeline.sh"
 pipeline_setup
+# the study's time: the wall time of every invocation (a run split over two invocations adds both)
 STUDY_START=$(date +%s)
+trap 'echo $(( $(date +%s) - STUDY_START )) >> "$WORK/study.invocations"' EXIT
+study_seconds() {  # this invocation's wall time plus that of the earlier ones
+    local total=$(( $(date +%s) - STUDY_START )) s
+    if [[ -f $WORK/study.invocations ]]; then
+        while read -r s; do total=$((total + s)); done < "$WORK/study.invocations"
+    fi
+    echo "$total"
+}
 
 # ---- the rows -------------------------------------------------------------------------------------
-ROWS="baseline_s1 baseline_s2 baseline_s3 word_kd_s1 word_kd_s2 word_kd_s3 word_kd_cached seq_kd word_seq_kd
+# word_kd's three seeds and the other token-level rows read the offline teacher cache (top-8 + tail
+# bucket, built once); word_kd_live is the same student with the live teacher, so the table shows what
+# the cache costs in BLEU.  tie_kd (3 iterations on the student's own prefixes) and Word-KD + Seq-KD
+# (teacher distributions on the teacher's translations) need the live teacher: no cache holds them.
+ROWS="baseline_s1 baseline_s2 baseline_s3 word_kd_s1 word_kd_s2 word_kd_s3 word_kd_live seq_kd word_seq_kd
     tie_kd self_evolution_kd hybrid_gated_kd selective_kd word_kd_rkl"
 
 row_flags() {  # row_flags ROW: the fairseq-train flags of a row (into the array `flags`)
-    local teacher=(--task distillation_translation --teacher-path "$WORK/teacher/checkpoint_best.pt")
+    local live=(--task distillation_translation --teacher-path "$TEACHER_CKPT")
+    local cached=(--task distillation_translation --teacher-cache "$WORK/teacher_cache")
     case ${1%_s[0-9]} in
         baseline) flags=(--task distillation_translation --criterion label_smoothed_cross_entropy --label-smoothing 0.1) ;;
-        word_kd) flags=("${teacher[@]}" --criterion word_kd --kd-alpha 0.5) ;;
-        word_kd_cached) flags=(--task distillation_translation --teacher-cache "$WORK/teacher_cache" --criterion word_kd --kd-alpha 0.5) ;;
+        word_kd) flags=("${cached[@]}" --criterion word_kd --kd-alpha 0.5) ;;
+        word_kd_live) flags=("${live[@]}" --criterion word_kd --kd-alpha 0.5) ;;
         seq_kd) flags=(--task distillation_translation --teacher-target-subset train_teacher --criterion seq_kd) ;;
-        word_seq_kd) flags=("${teacher[@]}" --teacher-target-subset train_teacher --criterion seq_kd --kd-alpha 0.5) ;;
-        tie_kd) flags=("${teacher[@]}" --criterion tie_kd --kd-alpha 0.5 --tie-topk 5 --tie-iterations 3 --ddp-backend legacy_ddp) ;;
-        self_evolution_kd) flags=("${teacher[@]}" --criterion self_evolution_kd --kd-alpha 0.5) ;;
-        hybrid_gated_kd) flags=("${teacher[@]}" --teacher-target-subset train_teacher --criterion hybrid_gated_kd --hybrid-sent-target offline --kd-alpha 0.5) ;;
-        selective_kd) flags=("${teacher[@]}" --criterion selective_kd) ;;
-        word_kd_rkl) flags=("${teacher[@]}" --criterion word_kd --kd-alpha 0.5 --kd-divergence rkl) ;;
+        word_seq_kd) flags=("${live[@]}" --teacher-target-subset train_teacher --criterion seq_kd --kd-alpha 0.5) ;;
+        tie_kd) flags=("${live[@]}" --criterion tie_kd --kd-alpha 0.5 --tie-topk 5 --tie-iterations 3 --ddp-backend legacy_ddp) ;;
+        self_evolution_kd) flags=("${cached[@]}" --criterion self_evolution_kd --kd-alpha 0.5) ;;
+        hybrid_gated_kd) flags=("${cached[@]}" --teacher-target-subset train_teacher --criterion hybrid_gated_kd --hybrid-sent-target offline --kd-alpha 0.5) ;;
+        selective_kd) flags=("${cached[@]}" --criterion selective_kd) ;;
+        word_kd_rkl) flags=("${cached[@]}" --criterion word_kd --kd-alpha 0.5 --kd-divergence rkl) ;;
     esac
     if [[ $1 == *_s[0-9] ]]; then
         flags+=(--seed "${1##*_s}")
     fi
+}
+
+row_deps() {  # row_deps ROW: the stages a row's training reads
+    local flags deps
+    row_flags "$1"
+    case ${1%_s[0-9]} in
+        baseline) deps=prepare ;;
+        seq_kd) deps=decode_train_with_teacher ;;
+        word_seq_kd|hybrid_gated_kd) deps="teacher decode_train_with_teacher" ;;
+        *) deps=teacher ;;
+    esac
+    [[ " ${flags[*]} " == *" --teacher-cache "* ]] && deps+=" teacher_cache"
+    echo "$deps"
 }
 
 train_row() {  # train_row ROW
@@ -139,44 +166,49 @@ translate_row() {  # translate_row NAME: test, valid and every extra test set
     done
 }
 
+# the stages in order (for "== stage k/N"): a finished stage is skipped, a changed one redone
+EXTRA_STAGES=
+for spec in "${EXTRA_TESTS[@]}"; do EXTRA_STAGES+=" extra_test_${spec%%=*}"; done
+ALL_STAGES="prepare$EXTRA_STAGES teacher translate_teacher decode_train_with_teacher teacher_cache teacher_analysis"
+for r in $ROWS; do ALL_STAGES+=" student_$r translate_student_$r"; done
+read -r -a ALL_STAGES <<< "$ALL_STAGES"
+study_stage() {  # study_stage NAME DEPS CMD...: stage k/N of ALL_STAGES
+    local i
+    for i in "${!ALL_STAGES[@]}"; do [[ ${ALL_STAGES[i]} == "$1" ]] && break; done
+    stage $((i + 1)) "${#ALL_STAGES[@]}" "$@"
+}
+
 lane() {  # lane ROW...: train and translate the rows one after the other
     local r
     for r in "$@"; do
-        stage "student_$r" train_row "$r"
-        stage "translate_student_$r" translate_row "student_$r"
+        study_stage "student_$r" "$(row_deps "$r")" train_row "$r"
+        study_stage "translate_student_$r" "student_$r$EXTRA_STAGES" translate_row "student_$r"
     done
 }
 
-CACHE_OK=1
-teacher_cache_available || CACHE_OK=0
-
 # ---- stages ---------------------------------------------------------------------------------------
-stage prepare prepare
+study_stage prepare "" prepare
 for spec in "${EXTRA_TESTS[@]}"; do
     name=${spec%%=*}; files=${spec#*=}
     [[ $spec == *=*,* && $name =~ ^[A-Za-z0-9_]+$ ]] || die "--extra-test $spec: expected NAME=SRC_FILE,REF_FILE (NAME letters, digits, _)"
-    stage "extra_test_$name" prepare_extra_test "$name" "${files%%,*}" "${files#*,}"
+    study_stage "extra_test_$name" prepare prepare_extra_test "$name" "${files%%,*}" "${files#*,}"
 done
 # phase 1: the teacher on one core, the baselines (no teacher needed) on the other
-( stage teacher timed teacher train_teacher ) > "$WORK/lane_teacher.log" 2>&1 &
+( study_stage teacher prepare timed teacher train_teacher ) > "$WORK/lane_teacher.log" 2>&1 &
 teacher_pid=$!
 ( lane baseline_s1 baseline_s2 baseline_s3 ) > "$WORK/lane_baselines.log" 2>&1 &
 baseline_pid=$!
 wait "$teacher_pid" || die "the teacher stage failed: see $WORK/lane_teacher.log"
 wait "$baseline_pid" || die "a baseline stage failed: see $WORK/lane_baselines.log"
-stage translate_teacher translate_row teacher
-stage decode_train_with_teacher decode_train_with_teacher
-if [[ $CACHE_OK == 1 ]]; then
-    stage teacher_cache build_teacher_cache
-else
-    echo "study.sh: word_kd_cached skipped: cache not available (python -m fairseq_kd.cache --help failed)"
-fi
-stage teacher_analysis "$PYTHON" -m fairseq_kd.study.teacher_analysis "$BIN" \
-    --path "$WORK/teacher/checkpoint_best.pt" --subset valid --topk 5 --json "$WORK/teacher_analysis.json"
-# phase 3: the KD students, two at a time (tie_kd, the longest, alone in one lane with the cheap rows)
-LANE_A="tie_kd seq_kd word_kd_s3 selective_kd"
-LANE_B="word_kd_s1 word_kd_s2 self_evolution_kd hybrid_gated_kd word_seq_kd word_kd_rkl"
-[[ $CACHE_OK == 1 ]] && LANE_A+=" word_kd_cached"
+# phase 2: what the students read from the teacher
+study_stage translate_teacher "teacher$EXTRA_STAGES" translate_row teacher
+study_stage decode_train_with_teacher teacher decode_train_with_teacher
+study_stage teacher_cache teacher build_teacher_cache
+study_stage teacher_analysis teacher run "$PYTHON" -m fairseq_kd.study.teacher_analysis "$BIN" \
+    --path "$TEACHER_CKPT" --subset valid --topk 5 --json "$WORK/teacher_analysis.json"
+# phase 3: the KD students, two at a time (tie_kd, the longest, in one lane with the cheap rows)
+LANE_A="tie_kd seq_kd selective_kd word_kd_rkl"
+LANE_B="word_kd_live word_seq_kd word_kd_s1 word_kd_s2 word_kd_s3 self_evolution_kd hybrid_gated_kd"
 # shellcheck disable=SC2086
 ( lane $LANE_A ) > "$WORK/lane_a.log" 2>&1 &
 lane_a=$!
@@ -196,21 +228,21 @@ for spec in "${EXTRA_TESTS[@]}"; do
     testsets+=(--testset "${spec%%=*}=${files#*,}")
 done
 logs=()
-printf 'teacher\tteacher\t1\t%s\t%s\t%s\tok\n' "$WORK/teacher" "$(checkpoint_of teacher)" "$(cat "$WORK/teacher.seconds")" >> "$rows_file.tmp"
+printf 'teacher\tteacher\t1\t%s\t%s\t%s\tok\t%s\n' "$WORK/teacher" "$(checkpoint_of teacher)" \
+    "$(cat "$WORK/teacher.seconds")" "--arch transformer $TEACHER_ARCH --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --max-update $TEACHER_UPDATES" >> "$rows_file.tmp"
 for r in $ROWS; do
     method=${r%_s[0-9]}; seed=1
     [[ $r == *_s[0-9] ]] && seed=${r##*_s}
-    if [[ $r == word_kd_cached && $CACHE_OK == 0 ]]; then
-        printf '%s\t%s\t%s\t%s\t-\t0\tskipped: cache not available\n' "$r" "$method" "$seed" "$WORK/student_$r" >> "$rows_file.tmp"
-        continue
-    fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$r" "$method" "$seed" "$WORK/student_$r" \
-        "$(checkpoint_of "student_$r")" "$(cat "$WORK/student_$r.seconds")" >> "$rows_file.tmp"
+    row_flags "$r"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\tok\t%s\n' "$r" "$method" "$seed" "$WORK/student_$r" \
+        "$(checkpoint_of "student_$r")" "$(cat "$WORK/student_$r.seconds")" "${flags[*]//$WORK\//WORK/}" >> "$rows_file.tmp"
     logs+=("$r=$WORK/student_$r.train.log")
 done
 mv "$rows_file.tmp" "$rows_file"
 "$PYTHON" -m fairseq_kd.study.report --rows "$rows_file" "${testsets[@]}" --analysis "$WORK/teacher_analysis.json" \
     --curves "$RESULTS/valid_curves.csv" --plots "$RESULTS" \
-    --bootstrap-samples "$BOOTSTRAP" --command "$COMMAND" --total-seconds $(( $(date +%s) - STUDY_START )) \
+    --bootstrap-samples "$BOOTSTRAP" --command "$COMMAND" \
+    --total-seconds "$(study_seconds)" \
+    --student-args "--arch transformer $STUDENT_ARCH --max-update $STUDENT_UPDATES" \
     --out "$RESULTS/study.md" "${logs[@]/#/--log=}"
 echo "results: $RESULTS/study.md"

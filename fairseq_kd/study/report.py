@@ -6,8 +6,9 @@ bootstrap test against the baseline, parameter counts, training times, the teach
     python -m fairseq_kd.study.report --rows WORK/rows.tsv --testset test=REF --testset valid=REF \\
         [--analysis WORK/teacher_analysis.json] --command "..." --total-seconds N --out study.md
 
-``rows.tsv`` has one line per row, tab-separated: ``row  method  seed  prefix  checkpoint  seconds  status``
-(``status`` is ``ok`` or ``skipped: REASON``); the hypotheses of a row on test set NAME are
+``rows.tsv`` has one line per row, tab-separated: ``row  method  seed  prefix  checkpoint  seconds  status
+[flags]`` (``status`` is ``ok`` or ``skipped: REASON``; ``flags``, optional, the row's fairseq-train
+flags, listed in the report); the hypotheses of a row on test set NAME are
 ``PREFIX.NAME.hyp``.  The first ``baseline`` row is the reference of sacreBLEU's paired
 bootstrap resampling (``--paired-bs``, 1000 samples) for every other row.
 """
@@ -34,9 +35,9 @@ def read_rows(path: str) -> List[Dict[str, str]]:
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
-            if len(fields) != 7:
-                raise DistillationError(f"{path}:{n}: expected 7 tab-separated fields, got {len(fields)}; rebuild it")
-            rows.append(dict(zip(("row", "method", "seed", "prefix", "checkpoint", "seconds", "status"), fields)))
+            if len(fields) not in (7, 8):
+                raise DistillationError(f"{path}:{n}: expected 7 or 8 tab-separated fields, got {len(fields)}; rebuild it")
+            rows.append(dict(zip(("row", "method", "seed", "prefix", "checkpoint", "seconds", "status", "flags"), fields)))
     return rows
 
 
@@ -105,7 +106,8 @@ def _p(value: Optional[float]) -> str:
 
 
 def build_report(rows, testsets: Dict[str, str], command: str, total_seconds: float, repo: str,
-                 analysis: Optional[dict] = None, n_samples: int = 1000, collect: Optional[dict] = None) -> str:
+                 analysis: Optional[dict] = None, n_samples: int = 1000, collect: Optional[dict] = None,
+                 student_args: Optional[str] = None) -> str:
     """The markdown report; ``collect``, when given, receives ``{test set: {row: scores}}``."""
     scored_rows = [r for r in rows if r["status"] == "ok"]
     lines = [
@@ -147,6 +149,13 @@ def build_report(rows, testsets: Dict[str, str], command: str, total_seconds: fl
                            ("topk_mass", f"probability mass in the top-{analysis['k']}"), ("gold_mass", "probability of the gold token")):
             lines.append(f"| {label} | {analysis[key]:.4f} | {PAPER_ANALYSIS.get(key, 'not reported in the sources available')} |")
         lines.append("")
+    if any(r.get("flags") for r in rows):
+        lines += ["## Rows", ""]
+        if student_args:
+            lines += [f"every student: `{student_args}`", ""]
+        lines += ["| row | fairseq-train flags |", "|---|---|"]
+        lines += [f"| {r['row']} | `{r['flags']}` |" for r in rows if r.get("flags")]
+        lines.append("")
     lines += ["![BLEU per method](study_bleu.png)", "", "![validation loss](study_valid_loss.png)", "",
               "![BLEU against training time](study_bleu_vs_time.png)"]
     return "\n".join(lines)
@@ -160,6 +169,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--command", required=True, help="the command that ran the study")
     parser.add_argument("--total-seconds", type=float, required=True)
     parser.add_argument("--bootstrap-samples", type=int, default=1000)
+    parser.add_argument("--student-args", default=None, help="the flags every student shares (listed in the report)")
     parser.add_argument("--out", required=True, help="markdown report")
     parser.add_argument("--log", action="append", default=[], metavar="ROW=TRAIN_LOG",
                         help="fairseq-train log of a row, for the validation curves")
@@ -183,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         rows = read_rows(args.rows)
         collected: dict = {}
         text = build_report(rows, testsets, args.command, args.total_seconds, repo, analysis,
-                            args.bootstrap_samples, collected)
+                            args.bootstrap_samples, collected, args.student_args)
         write_lines_atomic(args.out, text.split("\n"))
         logs = dict(item.split("=", 1) for item in args.log)
         if args.curves and logs:

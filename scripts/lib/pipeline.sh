@@ -376,6 +376,7 @@ pipeline_run() {
 timed() {  # timed NAME CMD [ARGS...]: run CMD, write its wall seconds to WORK/NAME.seconds
     local name=$1 start
     shift
+    if [[ $DRY_RUN == 1 ]]; then "$@"; return; fi
     start=$(date +%s)
     "$@"
     echo $(( $(date +%s) - start )) > "$WORK/$name.seconds"
@@ -387,17 +388,17 @@ translate_split() {  # translate_split NAME SUBSET [DATA_DIR [TAG]]: SUBSET of D
     require_file "$checkpoint" "the $name training stage did not finish"
     ref=$(dirname "$data")/raw/$subset.$TGT
     require_file "$ref" "the plain-text reference of $subset"
-    n=$(wc -l < "$ref")
-    "$PYTHON" -m fairseq_cli.generate "$data" --user-dir "$USER_DIR" --path "$checkpoint" \
+    n=$(lines "$ref")
+    run_to "$WORK/$name.$tag.gen" "$PYTHON" -m fairseq_cli.generate "$data" --user-dir "$USER_DIR" --path "$checkpoint" \
         --gen-subset "$subset" --beam "$TEST_BEAM" --lenpen "$LENPEN" --max-len-a 1.2 --max-len-b 10 \
-        --remove-bpe sentencepiece --batch-size "$TEST_BATCH" --required-batch-size-multiple 1 \
-        "${device[@]}" > "$WORK/$name.$tag.gen.tmp"
-    mv "$WORK/$name.$tag.gen.tmp" "$WORK/$name.$tag.gen"
-    "$PYTHON" -m fairseq_kd.scoring extract "$WORK/$name.$tag.gen" "$WORK/$name.$tag.hyp" --expect-lines "$n"
+        --remove-bpe sentencepiece --batch-size "$TEST_BATCH" --required-batch-size-multiple 1 "${device[@]}"
+    run "$PYTHON" -m fairseq_kd.scoring extract "$WORK/$name.$tag.gen" "$WORK/$name.$tag.hyp" --expect-lines "$n"
+    assert_lines "$WORK/$name.$tag.hyp" "$n"
 }
 
 prepare_extra_test() {  # prepare_extra_test NAME SRC_FILE REF_FILE: WORK/extra/NAME/{raw,bin} with the study's SentencePiece and dictionary
     local name=$1 src_file=$2 ref_file=$3 dir=$WORK/extra/$1
+    if [[ $DRY_RUN == 1 ]]; then note "extra test $name: $src_file $ref_file $(cat "$src_file" "$ref_file" 2>/dev/null | cksum)"; return; fi
     require_file "$src_file" "--extra-test $name: the source file is missing"
     require_file "$ref_file" "--extra-test $name: the reference file is missing"
     assert_lines "$ref_file" "$(wc -l < "$src_file")"
@@ -418,8 +419,3 @@ PY
         --destdir "$dir.tmp/bin" --srcdict "$BIN/dict.$SRC.txt" --tgtdict "$BIN/dict.$TGT.txt" --workers 1
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
-
-teacher_cache_available() {  # the offline teacher cache tool is in this checkout
-    "$PYTHON" -m fairseq_kd.cache --help >/dev/null 2>&1
-}
-
