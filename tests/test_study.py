@@ -1,6 +1,13 @@
-"""The study's plots and validation-curve CSV (on a small fake fairseq-train log)."""
+"""The study: its plots and validation-curve CSV (on a small fake fairseq-train log), its report,
+and examples/multi30k/study.sh end to end at a tiny size (through tests/warm.py's warm interpreter)."""
+
+import json
+import os
+import subprocess
 
 import pytest
+
+from tests import cli
 
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.study import plots
@@ -86,3 +93,77 @@ def test_report_has_every_row_scores_and_bootstrap(tmp_path, teacher_ckpt):
     assert f"{report.parameter_count(teacher_ckpt):,}" in table["word_kd_s1"]
     assert "nrefs:1|bs:200" in text and "0.68-0.94" in text and "total time: 10.0 minutes" in text
     assert "study_bleu.png" in text
+
+
+# ---- the study's script, end to end at a tiny size ----------------------------------------------------
+
+STUDY_ROWS = ["teacher", "baseline_s1", "baseline_s2", "baseline_s3", "word_kd_s1", "word_kd_s2", "word_kd_s3",
+              "word_kd_live", "seq_kd", "word_seq_kd", "tie_kd", "self_evolution_kd", "hybrid_gated_kd",
+              "selective_kd", "word_kd_rkl"]
+
+
+@pytest.fixture(scope="module")
+def warm_python(tmp_path_factory):
+    from tests import warm
+
+    server = warm.start(str(tmp_path_factory.mktemp("warm")), env=dict(os.environ, PYTHONPATH=cli.REPO))
+    yield server.python
+    server.close()
+
+
+def _sections(text):
+    """{section title: {row: cells}} of the report's score tables."""
+    sections, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+            sections[title] = {}
+        elif line.startswith("| ") and title is not None and not line.startswith("| row"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            sections[title][cells[0]] = cells[1:]
+    return sections
+
+
+def test_study_script_tiny_end_to_end_and_resume(tmp_path, warm_python):
+    """examples/multi30k/study.sh --size tiny: every stage, every output, every row; a re-run redoes nothing."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    toy = os.path.join(cli.SHARED_DATA, "opennmt_toy_en_de")
+    for lang in ("en", "de"):
+        with open(os.path.join(toy, f"valid.{lang}"), encoding="utf-8") as f:
+            (extra / f"toy.{lang}").write_text("".join(f.readline() for _ in range(12)), encoding="utf-8")
+    work = tmp_path / "work"
+    cmd = ["bash", os.path.join(cli.REPO, "examples", "multi30k", "study.sh"), "--size", "tiny", "--work", str(work),
+           "--extra-test", f"toy={extra / 'toy.en'},{extra / 'toy.de'}"]
+    env = dict(os.environ, PYTHON=warm_python, PYTHONPATH=cli.REPO, OMP_NUM_THREADS="1")
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    results = work / "results"
+    assert sorted(p.name for p in results.iterdir()) == [
+        "study.md", "study_bleu.png", "study_bleu_vs_time.png", "study_valid_loss.png", "valid_curves.csv"]
+    for png in ("study_bleu.png", "study_bleu_vs_time.png", "study_valid_loss.png"):
+        assert _is_png(results / png)
+    text = (results / "study.md").read_text()
+    sections = _sections(text)
+    for name in ("test", "valid", "toy"):
+        assert list(sections[name]) == STUDY_ROWS, name
+        for row, cells in sections[name].items():
+            assert 0.0 <= float(cells[0]) <= 100.0 and 0.0 <= float(cells[1]) <= 100.0  # BLEU, chrF
+            assert (cells[3] == "-") == (row == "baseline_s1")  # the bootstrap's reference row has no p-value
+            assert int(cells[5].replace(",", "")) > 0  # parameters
+    assert list(sections["Rows"]) == STUDY_ROWS
+    assert "--teacher-cache WORK/teacher_cache" in sections["Rows"]["word_kd_s2"][0]
+    assert "--teacher-path WORK/teacher/checkpoint_best.pt" in sections["Rows"]["word_kd_live"][0]
+    curves = plots.read_curves_csv(str(results / "valid_curves.csv"))
+    assert sorted(curves) == sorted(STUDY_ROWS[1:]) and all(curves.values())
+    for row in STUDY_ROWS[1:]:
+        assert sum(1 for _ in open(work / f"student_{row}.toy.hyp", encoding="utf-8")) == 12
+    analysis = json.loads((work / "teacher_analysis.json").read_text())
+    assert 0.0 <= analysis["top1_gold_rate"] <= 1.0 and analysis["top1_mass"] <= analysis["topk_mass"] <= 1.0
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = second.stdout + "".join(p.read_text() for p in work.glob("lane_*.log"))
+    assert "(started" not in out  # every stage was up to date
+    assert out.count("up to date, skipped") == 35
+    assert _sections((results / "study.md").read_text())["test"] == sections["test"]

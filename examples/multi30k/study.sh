@@ -72,7 +72,7 @@ case $SIZE in
         TRAIN_LINES=300; VALID_LINES=40; TEST_LINES=30; VOCAB=400
         TEACHER_ARCH="--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
         STUDENT_ARCH="--encoder-embed-dim 16 --decoder-embed-dim 16 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
-        TEACHER_UPDATES=6; STUDENT_UPDATES=2; LR=0.003; WARMUP=2; MAX_TOKENS=2000; VALIDATE=1
+        TEACHER_UPDATES=6; STUDENT_UPDATES=2; LR=0.003; WARMUP=2; MAX_TOKENS=2000; VALIDATE=2
         TRAIN_BEAM=2; TEST_BEAM=1; BOOTSTRAP=50
         RESULTS=${RESULTS:-}
         ;;

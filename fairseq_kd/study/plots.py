@@ -58,7 +58,11 @@ def read_curves_csv(path: str) -> Dict[str, List[Tuple[int, float]]]:
 
 
 def _pyplot():
+    import logging
+
     import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search logs at DEBUG under fairseq's root level
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
