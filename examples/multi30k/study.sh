@@ -64,7 +64,7 @@ case $SIZE in
         TRAIN_LINES=; VALID_LINES=; TEST_LINES=; VOCAB=4000
         TEACHER_ARCH="--encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 --encoder-layers 3 --decoder-layers 3 --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.3"
         STUDENT_ARCH="--encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --encoder-layers 2 --decoder-layers 2 --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.1"
-        TEACHER_UPDATES=700; STUDENT_UPDATES=300; LR=0.002; WARMUP=200; MAX_TOKENS=4096; VALIDATE=50
+        TEACHER_UPDATES=450; STUDENT_UPDATES=180; LR=0.002; WARMUP=200; STUDENT_WARMUP=90; MAX_TOKENS=4096; VALIDATE=50
         TRAIN_BEAM=5; TEST_BEAM=5; BOOTSTRAP=1000
         RESULTS=${RESULTS:-$REPO/examples/multi30k/results}
         ;;
@@ -72,7 +72,7 @@ case $SIZE in
         TRAIN_LINES=300; VALID_LINES=40; TEST_LINES=30; VOCAB=400
         TEACHER_ARCH="--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
         STUDENT_ARCH="--encoder-embed-dim 16 --decoder-embed-dim 16 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2"
-        TEACHER_UPDATES=6; STUDENT_UPDATES=2; LR=0.003; WARMUP=2; MAX_TOKENS=2000; VALIDATE=2
+        TEACHER_UPDATES=6; STUDENT_UPDATES=2; LR=0.003; WARMUP=2; STUDENT_WARMUP=1; MAX_TOKENS=2000; VALIDATE=2
         TRAIN_BEAM=2; TEST_BEAM=1; BOOTSTRAP=50
         RESULTS=${RESULTS:-}
         ;;
@@ -90,10 +90,11 @@ TRAIN_ARGS="--share-all-embeddings --optimizer adam --adam-betas (0.9,0.98)
     --num-workers 0 --log-interval 10 --log-format simple --no-progress-bar
     --validate-interval-updates $VALIDATE --save-interval-updates $VALIDATE --keep-interval-updates 1"
 TEACHER_ARGS="--arch transformer $TEACHER_ARCH --lr $LR"
-STUDENT_ARGS="--arch transformer $STUDENT_ARCH --lr $LR"
+STUDENT_ARGS="--arch transformer $STUDENT_ARCH --lr $LR --warmup-updates $STUDENT_WARMUP"
 STUDENTS=baseline
 STUDENT_AVERAGE=0; AVERAGE_UPPER_BOUND=
-DECODE_SHARDS=2; DECODE_PARALLEL=2; DECODE_ARGS="--max-len-a 1.2 --max-len-b 10"
+# the Seq-KD data by the CTranslate2 backend (docs/performance.md: same BLEU, several times faster on the CPU)
+DECODE_SHARDS=1; DECODE_PARALLEL=1; DECODE_ARGS="--backend ctranslate2 --max-len-a 1.2 --max-len-b 10"
 LENPEN=1; TEST_BATCH=128; FP16=0
 
 # shellcheck source=../../scripts/lib/pipeline.sh
@@ -200,20 +201,26 @@ teacher_pid=$!
 baseline_pid=$!
 wait "$teacher_pid" || die "the teacher stage failed: see $WORK/lane_teacher.log"
 wait "$baseline_pid" || die "a baseline stage failed: see $WORK/lane_baselines.log"
-# phase 2: what the students read from the teacher
-study_stage translate_teacher "teacher$EXTRA_STAGES" translate_row teacher
-study_stage decode_train_with_teacher teacher decode_train_with_teacher
-study_stage teacher_cache teacher build_teacher_cache
-study_stage teacher_analysis teacher run "$PYTHON" -m fairseq_kd.study.teacher_analysis "$BIN" \
-    --path "$TEACHER_CKPT" --subset valid --topk 5 --json "$WORK/teacher_analysis.json"
-# phase 3: the KD students, two at a time (tie_kd, the longest, in one lane with the cheap rows)
-LANE_A="tie_kd seq_kd selective_kd word_kd_rkl"
-LANE_B="word_kd_live word_seq_kd word_kd_s1 word_kd_s2 word_kd_s3 self_evolution_kd hybrid_gated_kd"
-# shellcheck disable=SC2086
-( lane $LANE_A ) > "$WORK/lane_a.log" 2>&1 &
+# phase 2: tie_kd (the longest row, live teacher only) on one core; on the other what the other
+# students read from the teacher (test translation, Seq-KD data, cache, analysis), then word_kd_live
+teacher_products() {
+    study_stage translate_teacher "teacher$EXTRA_STAGES" translate_row teacher
+    study_stage decode_train_with_teacher teacher decode_train_with_teacher
+    study_stage teacher_cache teacher build_teacher_cache
+    study_stage teacher_analysis teacher run "$PYTHON" -m fairseq_kd.study.teacher_analysis "$BIN" \
+        --path "$TEACHER_CKPT" --subset valid --topk 5 --json "$WORK/teacher_analysis.json"
+    lane word_kd_live
+}
+( lane tie_kd ) > "$WORK/lane_a.log" 2>&1 &
 lane_a=$!
-# shellcheck disable=SC2086
-( lane $LANE_B ) > "$WORK/lane_b.log" 2>&1 &
+( teacher_products ) > "$WORK/lane_b.log" 2>&1 &
+lane_b=$!
+wait "$lane_a" || die "a student stage failed: see $WORK/lane_a.log"
+wait "$lane_b" || die "a teacher or student stage failed: see $WORK/lane_b.log"
+# phase 3: the other students, two at a time
+( lane word_seq_kd word_kd_s1 word_kd_s2 seq_kd ) >> "$WORK/lane_a.log" 2>&1 &
+lane_a=$!
+( lane word_kd_s3 word_kd_rkl self_evolution_kd selective_kd hybrid_gated_kd ) >> "$WORK/lane_b.log" 2>&1 &
 lane_b=$!
 wait "$lane_a" || die "a student stage failed: see $WORK/lane_a.log"
 wait "$lane_b" || die "a student stage failed: see $WORK/lane_b.log"
