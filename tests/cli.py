@@ -31,9 +31,28 @@ TINY_OPTIM = [
 GENERATE_BATCHING = ["--required-batch-size-multiple", "1"]
 
 
+_WARM = []
+
+
+def python():
+    """The interpreter the CLI tests run: tests/warm.py's pre-imported one (one server per test process,
+    started on first use), or ``sys.executable`` with FAIRSEQ_KD_TEST_COLD=1."""
+    if os.environ.get("FAIRSEQ_KD_TEST_COLD") == "1":
+        return sys.executable
+    if not _WARM:
+        import atexit
+        import tempfile
+
+        from tests import warm
+
+        _WARM.append(warm.start(tempfile.mkdtemp(prefix="fairseq-kd-warm-"), env=dict(os.environ, PYTHONPATH=REPO)))
+        atexit.register(_WARM[0].close)
+    return _WARM[0].python
+
+
 def run(module, args, check=True, env=None, timeout=600):
     """``python -m module args``; returns the CompletedProcess (text output)."""
-    cmd = [sys.executable, "-m", module] + [str(a) for a in args]
+    cmd = [python(), "-m", module] + [str(a) for a in args]
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     if env:

@@ -95,20 +95,33 @@ def test_report_has_every_row_scores_and_bootstrap(tmp_path, teacher_ckpt):
     assert "study_bleu.png" in text
 
 
+def test_verdict_needs_the_seed_range_and_significance():
+    from fairseq_kd.study.report import verdict
+
+    base = [10.0, 11.0, 12.0]
+    assert verdict(12.5, 0.01, base) == "better"
+    assert verdict(12.5, 0.20, base) == "no clear difference"  # above every seed, not significant
+    assert verdict(11.5, 0.001, base) == "no clear difference"  # significant against seed 1, inside the range
+    assert verdict(9.0, 0.01, base) == "worse"
+    assert verdict(11.0, None, base) == "reference"
+
+
+def test_orderings_held_or_not_by_method_means():
+    from fairseq_kd.study.report import ordering_lines
+
+    lines = ordering_lines({"baseline": [10.0, 12.0], "word_kd": [12.0, 13.0], "tie_kd": [12.0], "seq_kd": [11.5]})
+    assert lines == [
+        "- TIE-KD > Word-KD (Zhang et al. 2023): did not hold (tie_kd 12.00, word_kd 12.50)",
+        "- Word-KD > no KD (Hinton et al.; Kim & Rush 2016): held (word_kd 12.50, baseline 11.00)",
+        "- Seq-KD (beam-5 teacher translations) > no KD (Kim & Rush 2016): held (seq_kd 11.50, baseline 11.00)",
+    ]  # the orderings whose methods are not all in the study are left out
+
+
 # ---- the study's script, end to end at a tiny size ----------------------------------------------------
 
 STUDY_ROWS = ["teacher", "baseline_s1", "baseline_s2", "baseline_s3", "word_kd_s1", "word_kd_s2", "word_kd_s3",
               "word_kd_live", "seq_kd", "word_seq_kd", "tie_kd", "self_evolution_kd", "hybrid_gated_kd",
               "selective_kd", "word_kd_rkl"]
-
-
-@pytest.fixture(scope="module")
-def warm_python(tmp_path_factory):
-    from tests import warm
-
-    server = warm.start(str(tmp_path_factory.mktemp("warm")), env=dict(os.environ, PYTHONPATH=cli.REPO))
-    yield server.python
-    server.close()
 
 
 def _sections(text):
@@ -124,7 +137,7 @@ def _sections(text):
     return sections
 
 
-def test_study_script_tiny_end_to_end_and_resume(tmp_path, warm_python):
+def test_study_script_tiny_end_to_end_and_resume(tmp_path):
     """examples/multi30k/study.sh --size tiny: every stage, every output, every row; a re-run redoes nothing."""
     extra = tmp_path / "extra"
     extra.mkdir()
@@ -135,7 +148,7 @@ def test_study_script_tiny_end_to_end_and_resume(tmp_path, warm_python):
     work = tmp_path / "work"
     cmd = ["bash", os.path.join(cli.REPO, "examples", "multi30k", "study.sh"), "--size", "tiny", "--work", str(work),
            "--extra-test", f"toy={extra / 'toy.en'},{extra / 'toy.de'}"]
-    env = dict(os.environ, PYTHON=warm_python, PYTHONPATH=cli.REPO, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHON=cli.python(), PYTHONPATH=cli.REPO, OMP_NUM_THREADS="1")
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = work / "results"

@@ -28,9 +28,8 @@ import time
 PRELOAD = [
     "torch", "numpy", "sacrebleu", "sentencepiece", "fairseq", "fairseq.tasks.translation",
     "fairseq.models.transformer", "fairseq.sequence_generator", "fairseq_cli.train", "fairseq_cli.generate",
-    "fairseq_cli.preprocess", "fairseq_kd", "fairseq_kd.criterions", "fairseq_kd.tasks", "fairseq_kd.decoding.cli",
-    "fairseq_kd.cache.cli", "fairseq_kd.scoring", "fairseq_kd.prepare", "fairseq_kd.study.report",
-]
+    "fairseq_cli.preprocess", "matplotlib",
+]  # third-party only: fairseq_kd patches fairseq's loader when imported, so it is imported per command, as in a real run
 
 
 def _send(conn, obj, fds=()):

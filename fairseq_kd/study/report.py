@@ -101,6 +101,41 @@ def _machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+#: the papers' orderings the study checks: (claim, higher method, lower methods)
+ORDERINGS = [
+    ("TIE-KD > Word-KD (Zhang et al. 2023)", "tie_kd", ["word_kd"]),
+    ("Word-KD > no KD (Hinton et al.; Kim & Rush 2016)", "word_kd", ["baseline"]),
+    ("Seq-KD (beam-5 teacher translations) > no KD (Kim & Rush 2016)", "seq_kd", ["baseline"]),
+    ("Word-KD + Seq-KD > each alone (Kim & Rush 2016)", "word_seq_kd", ["word_kd", "seq_kd"]),
+    ("hybrid > token- and sentence-level alone", "hybrid_gated_kd", ["word_kd", "seq_kd"]),
+]
+
+
+def verdict(bleu: float, p_value: Optional[float], baseline: Sequence[float], alpha: float = 0.05) -> str:
+    """A KD row against the baseline: better / worse only when it is outside the baseline's seed range
+    AND the paired bootstrap test finds the difference significant; else no clear difference."""
+    if p_value is None:
+        return "reference"
+    if bleu > max(baseline) and p_value < alpha:
+        return "better"
+    if bleu < min(baseline) and p_value < alpha:
+        return "worse"
+    return "no clear difference"
+
+
+def ordering_lines(method_bleu: Dict[str, List[float]]) -> List[str]:
+    """Which of :data:`ORDERINGS` held, by the methods' mean BLEU (rows missing from the study are skipped)."""
+    mean = {m: statistics.mean(v) for m, v in method_bleu.items() if v}
+    lines = []
+    for claim, high, lows in ORDERINGS:
+        if high not in mean or any(low not in mean for low in lows):
+            continue
+        held = all(mean[high] > mean[low] for low in lows)
+        detail = ", ".join(f"{m} {mean[m]:.2f}" for m in [high] + lows)
+        lines.append(f"- {claim}: {'held' if held else 'did not hold'} ({detail})")
+    return lines
+
+
 def _p(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -128,18 +163,25 @@ def build_report(rows, testsets: Dict[str, str], command: str, total_seconds: fl
         base = [scores[r["row"]]["bleu"] for r in scored_rows if r["method"] == "baseline"]
         lines += [f"## {name}", "", f"baseline over {len(base)} seed(s): BLEU {statistics.mean(base):.2f}"
                   + (f" (std {statistics.stdev(base):.2f}, {min(base):.2f}..{max(base):.2f})" if len(base) > 1 else ""),
-                  "", "| row | BLEU | chrF | BLEU - baseline mean | p (BLEU) | p (chrF) | parameters | training time |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| row | BLEU | chrF | BLEU - baseline mean | p (BLEU) | p (chrF) | parameters | training time | vs baseline |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r["status"] != "ok":
-                lines.append(f"| {r['row']} | {r['status']} | | | | | | |")
+                lines.append(f"| {r['row']} | {r['status']} | | | | | | | |")
                 continue
             s = scores[r["row"]]
+            judged = "-" if r["method"] in ("baseline", "teacher") else verdict(s["bleu"], s["p_bleu"], base)
             lines.append(
                 f"| {r['row']} | {s['bleu']:.2f} | {s['chrf']:.2f} | {s['bleu'] - statistics.mean(base):+.2f} | "
-                f"{_p(s['p_bleu'])} | {_p(s['p_chrf'])} | {params[r['row']]:,} | {float(r['seconds']) / 60:.1f} min |"
+                f"{_p(s['p_bleu'])} | {_p(s['p_chrf'])} | {params[r['row']]:,} | {float(r['seconds']) / 60:.1f} min | {judged} |"
             )
-        lines += ["", f"p: sacreBLEU paired bootstrap resampling ({n_samples} samples) against the first baseline seed.",
+        method_bleu: Dict[str, List[float]] = {}
+        for r in scored_rows:
+            method_bleu.setdefault(r["method"], []).append(scores[r["row"]]["bleu"])
+        lines += ["", f"p: sacreBLEU paired bootstrap resampling ({n_samples} samples) against the first baseline seed. "
+                  "vs baseline: better / worse when the BLEU is outside the baseline seeds' range and p < 0.05.",
+                  "", "The papers' orderings on this test set (mean BLEU over a method's seeds):", "",
+                  *ordering_lines(method_bleu), "",
                   f"reference: {ref}", *[f"sacrebleu {k}: {v}" for k, v in sorted(signatures.items())], ""]
     if analysis is not None:
         lines += ["## Teacher analysis (TIE-KD, Zhang et al. 2023)", "",
