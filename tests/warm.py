@@ -126,13 +126,17 @@ def _child(conn):
     threading.Thread(target=watch, daemon=True).start()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    import logging
+
+    root = logging.getLogger()  # pristine logging: each tool's own basicConfig (stdout for fairseq's) takes effect
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
     if "OMP_NUM_THREADS" in os.environ:
         import torch
 
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     code = _run_command(request["argv"])
-    import logging
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
