@@ -148,7 +148,7 @@ def build_report(rows, testsets: Dict[str, str], command: str, total_seconds: fl
     lines = [
         "# Distillation study: Multi30k En-De",
         "",
-        f"- command: `{command}`",
+        f"- command: `{command.strip()}`",
         f"- machine: {_machine()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- git commit: {_git_commit(repo)}",
@@ -179,7 +179,8 @@ def build_report(rows, testsets: Dict[str, str], command: str, total_seconds: fl
         for r in scored_rows:
             method_bleu.setdefault(r["method"], []).append(scores[r["row"]]["bleu"])
         lines += ["", f"p: sacreBLEU paired bootstrap resampling ({n_samples} samples) against the first baseline seed. "
-                  "vs baseline: better / worse when the BLEU is outside the baseline seeds' range and p < 0.05.",
+                  "vs baseline: better / worse when the BLEU is outside the baseline seeds' range and p < 0.05. "
+                  "training time: wall clock of fairseq-train, with another job on the other core.",
                   "", "The papers' orderings on this test set (mean BLEU over a method's seeds):", "",
                   *ordering_lines(method_bleu), "",
                   f"reference: {ref}", *[f"sacrebleu {k}: {v}" for k, v in sorted(signatures.items())], ""]
