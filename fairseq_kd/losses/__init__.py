@@ -40,6 +40,7 @@ Conventions (those of fairseq's criterions):
 from fairseq_kd.losses.common import (
     _xlogy_ratio,
     label_smoothed_nll,
+    label_smoothed_nll_from_logits,
     label_smoothed_nll_per_position,
     label_smoothing_floor,
     log_mean_exp,
@@ -105,6 +106,7 @@ __all__ = [
     "nll_from_log_probs",
     "label_smoothed_nll",
     "label_smoothed_nll_per_position",
+    "label_smoothed_nll_from_logits",
     "label_smoothing_floor",
     "log_mean_exp",
     "top1_agreement",

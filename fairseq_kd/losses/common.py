@@ -101,6 +101,55 @@ def label_smoothed_nll_per_position(
     return (1.0 - epsilon - eps_i) * nll + eps_i * smooth, nll
 
 
+class _LabelSmoothedNLLFromLogits(torch.autograd.Function):
+    """:func:`label_smoothed_nll_per_position` of ``log_probs(logits)``, keeping only the log-probabilities,
+    whose storage backward turns into the gradient w.r.t. the logits chunk by chunk (no other
+    full-size tensor).  Each chunk's gradient is what autograd computes for the same expression, op for
+    op: the log-probabilities' gradient (the gather's and the sum's, added), then torch's own
+    log-softmax backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, padding_idx, epsilon):
+        lprobs = log_probs(logits)
+        ls, nll = label_smoothed_nll_per_position(lprobs, target, padding_idx, epsilon)
+        nll = nll.clone() if nll is ls else nll  # epsilon 0: one tensor, but only ``ls`` is differentiable
+        ctx.save_for_backward(lprobs, target)
+        ctx.options = (padding_idx, epsilon, logits.dtype)
+        ctx.mark_non_differentiable(nll)
+        return ls, nll
+
+    @staticmethod
+    def backward(ctx, grad_ls, grad_nll):
+        lprobs, target = ctx.saved_tensors
+        padding_idx, epsilon, dtype = ctx.options
+        vocab = lprobs.size(-1)
+        eps_i = epsilon / (vocab - 1)
+        keep = non_pad_mask(target, padding_idx).reshape(-1)
+        grad_ls, target = grad_ls.reshape(-1), target.reshape(-1, 1)
+        # the gradients autograd gives the log-probabilities: -c * g on the target, -eps_i * g everywhere
+        on_target = -(grad_ls * (1.0 - epsilon - eps_i) if epsilon != 0.0 else grad_ls).masked_fill(~keep, 0.0)
+        everywhere = -(grad_ls * eps_i).masked_fill(~keep, 0.0) if epsilon != 0.0 else None
+        flat = _flat(lprobs)  # overwritten chunk by chunk: a second backward fails (the saved tensor changed)
+        for sel in _chunks(flat.size(0), chunk_rows(vocab), None):
+            out = flat[sel]
+            if everywhere is None:
+                grad = torch.zeros_like(out).scatter_add_(-1, target[sel], on_target[sel].unsqueeze(-1))
+            else:
+                grad = everywhere[sel].unsqueeze(-1).expand_as(out) + torch.zeros_like(out).scatter_add_(
+                    -1, target[sel], on_target[sel].unsqueeze(-1))
+            flat[sel] = torch._log_softmax_backward_data(grad, out, -1, out.dtype)
+        return lprobs.to(dtype), None, None, None
+
+
+def label_smoothed_nll_from_logits(
+    logits: Tensor, target: Tensor, padding_idx: int, epsilon: float
+) -> Tuple[Tensor, Tensor]:
+    """Per-position ``(loss, nll)`` ``[B, T]`` of :func:`label_smoothed_nll_per_position` on
+    ``log_probs(logits)`` (the same values), differentiable in ``loss`` only: saves one
+    ``[B, T, V]`` tensor, in whose storage backward builds the logits' gradient."""
+    return _LabelSmoothedNLLFromLogits.apply(logits, target, padding_idx, epsilon)
+
+
 def label_smoothing_floor(epsilon: float, vocab_size: int) -> float:
     """Smallest value of the per-token label-smoothed NLL (fairseq >= 0.10 formula).
 
