@@ -448,3 +448,166 @@ def test_sekd_gradient_in_the_teachers_storage_equals_the_allocated_one(lam_mode
     assert results[1][1].n_hard > 0
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-10, atol=1e-12)
+
+
+# -- per-pass backward: the task hands the criterion optimizer.backward -------------------------------------
+
+
+class ScalingOptimizer:
+    """The part of fairseq's optimizer that ``train_step`` uses, with a loss scale as under --fp16."""
+
+    def __init__(self, scale=1.0):
+        self.scale, self.calls = scale, 0
+
+    def backward(self, loss):
+        self.calls += 1
+        (loss * self.scale).backward()
+
+
+def _train_step(task, model, criterion, sample, per_pass, ignore_grad=False, scale=1.0):
+    """One ``train_step``: per pass (the criterion's default), or as one graph (``backward_per_pass`` off)."""
+    model.zero_grad()
+    criterion.zero_grad()
+    if not per_pass:
+        criterion.backward_per_pass = False  # the task then runs one backward of the whole loss
+    optimizer = ScalingOptimizer(scale)
+    try:
+        loss, sample_size, log = task.train_step(sample, model, criterion, optimizer, 0, ignore_grad=ignore_grad)
+    finally:
+        criterion.__dict__.pop("backward_per_pass", None)
+    params = list(model.named_parameters()) + [("criterion." + n, p) for n, p in criterion.named_parameters()]
+    grads = {n: p.grad.clone() for n, p in params if p.grad is not None}
+    return loss, sample_size, log, grads, optimizer.calls
+
+
+def _assert_same_step(per_pass, whole, passes):
+    loss, size, log, grads, calls = per_pass
+    assert calls == passes and whole[4] == 1
+    assert not loss.requires_grad
+    assert torch.equal(loss, whole[0].detach()) and size == whole[1]  # the same formula on the same values
+    assert log.keys() == whole[2].keys()
+    for key, value in whole[2].items():
+        assert torch.equal(torch.as_tensor(log[key]), torch.as_tensor(value)), key
+    assert grads.keys() == whole[3].keys() and any(k.startswith("encoder.") for k in grads)
+    top = max(g.abs().max() for g in whole[3].values())
+    for key, grad in whole[3].items():  # float32 rounding: the parts are summed in another order
+        torch.testing.assert_close(grads[key], grad, rtol=1e-5, atol=1e-6 * float(top), msg=key)
+
+
+def _toy(seed=3):
+    from tests import toy
+
+    task = toy.make_task()
+    model = toy.make_model(task, seed=0)
+    task.teacher = toy.make_teacher(task, seeds=(1,))
+    return task, model, toy.make_sample(task, batch_size=4, seed=seed)
+
+
+@pytest.mark.parametrize("ignore_grad", [False, True])
+def test_tie_kd_per_pass_backward_equals_one_graph(ignore_grad):
+    from fairseq_kd.criterions.tie_kd import TieKDConfig, TieKDCriterion
+
+    task, model, sample = _toy()
+    criterion = TieKDCriterion(task, TieKDConfig(sentence_avg=False, tie_iterations=3, kd_alpha=0.6))
+    per_pass = _train_step(task, model, criterion, sample, True, ignore_grad)
+    whole = _train_step(task, model, criterion, sample, False, ignore_grad)
+    _assert_same_step(per_pass, whole, passes=3)
+    assert all(bool(g.eq(0).all()) for g in per_pass[3].values()) == ignore_grad
+
+
+HYBRID_SETTINGS = {
+    "fixed": dict(gate="fixed", gate_fixed_value=0.3, kd_alpha=0.7),
+    "scalar": dict(gate="scalar"),
+    "sentence": dict(gate="sentence", gate_input_dim=16, kd_alpha=0.6),
+    "token": dict(gate="token", gate_input_dim=16, hybrid_token_prefix="teacher", kd_alpha=0.8),
+    "scalar_tempered": dict(gate="scalar", kd_temperature=2.0, kd_alpha=0.5),
+}
+
+
+@pytest.mark.parametrize("ignore_grad", [False, True])
+@pytest.mark.parametrize("setting", sorted(HYBRID_SETTINGS))
+def test_hybrid_gated_kd_per_pass_backward_equals_one_graph(setting, ignore_grad):
+    from fairseq_kd.criterions.hybrid_gated_kd import HybridGatedKDConfig, HybridGatedKDCriterion
+
+    task, model, sample = _toy()
+    cfg = HybridGatedKDConfig(sentence_avg=False, hybrid_sent_target="greedy-online", **HYBRID_SETTINGS[setting])
+    criterion = HybridGatedKDCriterion(task, cfg)
+    with torch.no_grad():  # a gate away from its initial state, input weights not zero
+        for p in criterion.parameters():
+            p.add_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+    per_pass = _train_step(task, model, criterion, sample, True, ignore_grad)
+    whole = _train_step(task, model, criterion, sample, False, ignore_grad)
+    # the pass on y_hat, the pass on the gold target (with gradients when it has a term), the gate objective
+    gold_trains = cfg.kd_alpha < 1 or cfg.hybrid_token_prefix == "gold"
+    _assert_same_step(per_pass, whole, passes=1 + gold_trains + (criterion.gate is not None))
+    if criterion.gate is not None:
+        assert any(k.startswith("criterion.") for k in per_pass[3])
+    for key in ("tok_tokens", "sent_tokens", "gate_sum", "gate_sq_sum", "kd_agree", "kd_tokens"):
+        assert torch.is_tensor(per_pass[2][key]), key  # no .item(): no device sync per step
+
+
+@pytest.mark.parametrize("name", ["tie_kd", "hybrid_gated_kd"])
+def test_per_pass_backward_carries_the_loss_scale_into_the_encoder(name):
+    """fp16's loss scale applies to every pass; the encoder's gradient arrives scaled once, not twice."""
+    from fairseq_kd.criterions.hybrid_gated_kd import HybridGatedKDConfig, HybridGatedKDCriterion
+    from fairseq_kd.criterions.tie_kd import TieKDConfig, TieKDCriterion
+
+    task, model, sample = _toy(seed=5)
+    criterion = (TieKDCriterion(task, TieKDConfig(sentence_avg=False)) if name == "tie_kd" else
+                 HybridGatedKDCriterion(task, HybridGatedKDConfig(sentence_avg=False, kd_alpha=0.5)))
+    scaled = _train_step(task, model, criterion, sample, True, scale=64.0)[3]
+    whole = _train_step(task, model, criterion, sample, False)[3]
+    top = max(g.abs().max() for g in whole.values())
+    for key, grad in whole.items():
+        torch.testing.assert_close(scaled[key] / 64.0, grad, rtol=1e-5, atol=1e-6 * float(top), msg=key)
+
+
+def test_pass_backward_without_a_callable_is_the_identity():
+    x = torch.randn(3, requires_grad=True)
+    step = losses.PassBackward()
+    encoder_out = {"encoder_out": [x * 2], "encoder_padding_mask": [torch.zeros(3, dtype=torch.bool)]}
+    assert step.shared(encoder_out) is encoder_out
+    y = x.sum()
+    assert step(lambda: 1 / 0, y)[0] is y  # the partial loss is not even formed
+    assert step.finish(y) is y
+
+
+def test_pass_backward_sums_the_passes_through_shared_leaves():
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    calls = []
+    step = losses.PassBackward(lambda loss: (calls.append(loss.item()), loss.backward()))
+    shared = step.shared({"encoder_out": [torch.tanh(x)], "lengths": [torch.ones(4)]})
+    assert shared["encoder_out"][0].is_leaf and not shared["lengths"][0].requires_grad
+    h = shared["encoder_out"][0]
+    a, = step(lambda: (h * 3).sum(), (h * 3).sum())
+    b, = step(lambda: (h ** 2).sum(), (h ** 2).sum())
+    assert x.grad is None  # the encoder's graph is kept until the end
+    total = step.finish(a + b)
+    assert not total.requires_grad and len(calls) == 2
+    ref = torch.autograd.grad((torch.tanh(x) * 3 + torch.tanh(x) ** 2).sum(), x)[0]
+    torch.testing.assert_close(x.grad, ref)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_label_smoothed_nll_from_logits_is_autograds_bit_for_bit(eps, dtype, tiny_chunks):
+    tiny_chunks(2, 11)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11, generator=g)).to(dtype).requires_grad_(True)
+    target = torch.randint(2, 11, (3, 5), generator=g)
+    target[0, -2:] = PAD
+    weight = torch.randn(3, 5, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    ls, nll = losses.label_smoothed_nll_from_logits(logits, target, PAD, eps)
+    ref_ls, ref_nll = losses.label_smoothed_nll_per_position(losses.log_probs(logits), target, PAD, eps)
+    assert torch.equal(ls, ref_ls) and torch.equal(nll, ref_nll) and not nll.requires_grad
+    grad, = torch.autograd.grad((ls * weight).sum(), logits)
+    ref, = torch.autograd.grad((ref_ls * weight).sum(), logits)
+    assert grad.dtype == dtype and torch.equal(grad, ref)
+
+
+def test_label_smoothed_nll_from_logits_refuses_a_second_backward():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    ls, _ = losses.label_smoothed_nll_from_logits(logits, torch.randint(2, 7, (2, 3)), PAD, 0.1)
+    ls.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ls.sum().backward()

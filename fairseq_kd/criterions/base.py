@@ -14,6 +14,11 @@ live ``[B, T, V]`` log-probabilities, or the cached
 :class:`~fairseq_kd.cache.dataset.TopKTeacher`), and each criterion calls the
 loss that fits the form (:mod:`fairseq_kd.losses.topk` for the cached one).
 A criterion that accepts the cache overrides :meth:`KDCriterion.teacher_cache_error`.
+
+A criterion whose loss sums several student decoder passes sets ``backward_per_pass = True``: in
+training the task then also passes ``backward=`` (``optimizer.backward``), which the criterion calls
+on each pass's share of the loss as soon as it is formed, and it returns the total loss detached
+(:class:`fairseq_kd.losses.PassBackward`); without ``backward`` it builds one graph.
 """
 
 import math
@@ -65,6 +70,8 @@ class KDCriterion(FairseqCriterion):
 
     #: the distillation task loads a live teacher only for criterions that need one
     needs_teacher = True
+    #: the task hands ``forward`` a ``backward`` callable (see the module docstring)
+    backward_per_pass = False
 
     def __init__(self, task, cfg: KDCriterionConfig):
         super().__init__(task)

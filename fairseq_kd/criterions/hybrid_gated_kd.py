@@ -18,9 +18,10 @@ from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd.cache.dataset import CachedTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
+from fairseq_kd.losses.passes import PassBackward
 from fairseq_kd.modules import hybrid_gate
-from fairseq_kd.modules.hybrid_gate import GATES, SENT_TARGETS, TOKEN_PREFIXES, HybridGate, decode_student
-from fairseq_kd.modules.hybrid_gate import pooled_encoder_states  # noqa: F401  (re-exported)
+from fairseq_kd.modules.hybrid_gate import GATES, SENT_TARGETS, TOKEN_PREFIXES, HybridGate
+from fairseq_kd.modules.hybrid_gate import decode_student, pooled_encoder_states  # noqa: F401  (re-exported)
 from fairseq_kd.teacher.greedy import greedy_teacher_translation, shift_right  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class HybridGatedKDConfig(KDCriterionConfig):
 class HybridGatedKDCriterion(KDCriterion):
     #: the student's encoder and decoder are called separately: the task refuses torch's DDP
     calls_model_parts = True
+    #: the task hands ``forward`` a ``backward`` callable and leaves the backward to it
+    backward_per_pass = True
 
     def __init__(self, task, cfg: HybridGatedKDConfig):
         super().__init__(task, cfg)
@@ -98,52 +101,47 @@ class HybridGatedKDCriterion(KDCriterion):
                     "offline (with --teacher-target-subset) or --gate fixed --gate-fixed-value 1")
         return None
 
-    def forward(self, model, sample, reduce=True, teacher=None):
+    def forward(self, model, sample, reduce=True, teacher=None, backward=None):
+        """``backward`` (from the task in training): the passes on y_hat and on gold, each backpropagated when formed."""
         if teacher is None:  # validation
             return self.gold_forward(model, sample)
-
+        step, alpha, kind = PassBackward(backward), self.alpha, self.gate_kind
         net_input, target, pad = sample["net_input"], sample["target"], self.padding_idx
         token_on_gold = self.use_token_level and self.token_prefix == "gold"
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        decoder_in = step.shared(encoder_out)  # what the student's passes read
         cached = isinstance(teacher, CachedTeacher)  # then the token level is on gold prefixes only
         teacher_encoder_out = None if cached else teacher.forward_encoder(net_input)
-        hyp = hyp_logits = hyp_features = None
-        if self.use_sentence_level or self.token_prefix == "teacher":
-            hyp = hybrid_gate.sentence_target(self.cfg, sample, teacher, teacher_encoder_out, model, pad, self.eos)
-            hyp_logits, hyp_features = decode_student(model, hyp["prev_output_tokens"], encoder_out)
+        logging_output, vocab, hyp_features = {}, None, None
+        token_pos = token_mask = sent_pos = sent_mask = None  # per-position levels and their masks
+        if self.use_sentence_level or self.token_prefix == "teacher":  # the student's pass on y_hat
+            token_pos, token_mask, sent_pos, sent_mask, hyp_features, vocab = hybrid_gate.hyp_pass(
+                self.cfg, sample, teacher, teacher_encoder_out, model, decoder_in, pad, self.eos,
+                self.use_token_level and not token_on_gold, self.use_sentence_level, self.temperature,
+                self.temperature_factor, self.eps, logging_output)
+        logits = hybrid_gate.gate_logits(self.gate, encoder_out, hyp_features)
+        token_w, sent_w = hybrid_gate.level_weights(logits, self.fixed_gate)
+        token_pos, sent_pos = step(lambda: hybrid_gate.level_share(alpha, token_pos, token_w, kind)
+                                   + hybrid_gate.level_share(alpha, sent_pos, sent_w, kind), token_pos, sent_pos)
 
         # gold target: the (1 - alpha) LS-NLL and the token level on gold prefixes; else logging only
-        gold_logits, gold_lprobs, gold_ls, gold_nll = hybrid_gate.gold_terms(
-            model, net_input["prev_output_tokens"], encoder_out, target, pad, self.eps,
-            torch.is_grad_enabled() and (self.alpha < 1 or token_on_gold),
-        )
-
-        logging_output = {}
-        token_pos = token_mask = sent_pos = sent_mask = None
-        if self.use_token_level:
-            if token_on_gold:
-                prefix, student_logits, token_target = net_input["prev_output_tokens"], gold_logits, target
-            else:
-                prefix, student_logits, token_target = hyp["prev_output_tokens"], hyp_logits, hyp["target"]
-            token_pos, token_mask, token_log = hybrid_gate.token_terms(
-                teacher, teacher_encoder_out, prefix, student_logits, token_target, pad, self.temperature,
-                self.temperature_factor,
-                teacher_lprobs=(teacher.topk(sample) if cached else None) if token_on_gold else hyp["teacher_lprobs"],
-                student_lprobs=gold_lprobs if token_on_gold and self.temperature == 1.0 else None,
-            )
-            logging_output.update(token_log)
-        if self.use_sentence_level:
-            sent_pos, sent_mask, sent_log = hybrid_gate.sentence_terms(hyp_logits, hyp["target"], pad, self.eps)
-            logging_output.update(sent_log)
+        gold_token, gold_mask, gold_ls, gold_nll = hybrid_gate.gold_pass(
+            model, teacher, teacher_encoder_out, sample, decoder_in, pad, self.eps, token_on_gold,
+            torch.is_grad_enabled() and (alpha < 1 or token_on_gold), self.temperature, self.temperature_factor,
+            logging_output)
+        gold_token, gold_ls = step(lambda: hybrid_gate.level_share(alpha, gold_token, token_w, kind)
+                                   + (1.0 - alpha) * gold_ls, gold_token, gold_ls)
+        if token_on_gold:
+            token_pos, token_mask = gold_token, gold_mask
 
         hybrid, gate_objective, gate_values = hybrid_gate.mixture(
-            self.gate, self.fixed_gate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features,
-            self.eps, None if hyp_logits is None else hyp_logits.size(-1), self.cfg.gate_prior,
-            self.cfg.gate_prior_weight,
+            kind, logits, self.fixed_gate, token_pos, token_mask, sent_pos, sent_mask, self.eps,
+            vocab, self.cfg.gate_prior, self.cfg.gate_prior_weight,
         )
-        loss, gate_log = hybrid_gate.student_loss(self.alpha, hybrid, gold_ls, gate_objective)
+        loss, gate_log = hybrid_gate.student_loss(alpha, hybrid, gold_ls, gate_objective)
+        loss = step.finish(loss)  # per pass: what is left is the learned gate's objective
         logging_output.update(**gate_log, **self.base_logging_output(sample, loss, gold_nll),
-                              **hybrid_gate.gate_statistics(gate_values))
+                              **hybrid_gate.gate_statistics(*gate_values))
         return loss, self.sample_size(sample), logging_output
 
     # -- metrics -------------------------------------------------------------------

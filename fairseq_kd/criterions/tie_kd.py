@@ -5,7 +5,9 @@ reference's ``log(p + 1e-6)`` (:func:`fairseq_kd.losses.tie_kd_kl`) plus the hie
 over the top ``--tie-topk`` tokens (:func:`fairseq_kd.losses.hierarchical_ranking`); pass 1 decodes
 the gold prefixes, each later pass the student's shifted greedy predictions of the previous one, both
 encoders run once, the LS-NLL on pass 1 only (docs/tie_kd.md).  The student's encoder and decoder
-are called separately, so multi-GPU training needs ``--ddp-backend legacy_ddp``.
+are called separately, so multi-GPU training needs ``--ddp-backend legacy_ddp``.  In training each
+pass is backpropagated as soon as its loss is formed (``backward_per_pass``), so one pass's
+``[tokens, V]`` tensors are alive at a time.
 """
 
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ class TieKDCriterion(KDCriterion):
     iteration_agree_prefix = "kd_agree_iter"
     #: the student's encoder and decoder are called separately: the task refuses torch's DDP
     calls_model_parts = True
+    #: the task hands ``forward`` a ``backward`` callable and leaves the backward to it
+    backward_per_pass = True
 
     def __init__(self, task, cfg: TieKDConfig):
         super().__init__(task, cfg)
@@ -69,22 +73,28 @@ class TieKDCriterion(KDCriterion):
         self.log_epsilon = 0.0 if cfg.tie_exact_kl else losses.TIE_KD_LOG_EPSILON
         self.pad_replacement = None if cfg.tie_keep_pad_predictions else task.target_dictionary.unk()
 
-    def decoding_passes(self, model, net_input, teacher, argmaxes=None) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+    def decoding_passes(self, model, net_input, teacher, argmaxes=None, shared=None) -> Iterator[Tuple[Tensor, ...]]:
         """Yield ``(prev_output_tokens, student_logits, teacher_lprobs)`` for the ``N`` passes; both
-        encoders run once.  A pass's next prefix reuses the student argmax ``argmaxes[n][0]`` when the
-        caller appended the pass's ``(student, teacher)`` argmaxes to ``argmaxes``."""
+        encoders run once, the student's decoder reads ``shared(encoder_out)`` when given.  With
+        ``argmaxes`` the caller appends each pass's ``(student, teacher)`` argmaxes to it, and the
+        next prefix reuses the student's (no logits are held here)."""
         prev = net_input["prev_output_tokens"]
         if prev[:, 0].eq(self.padding_idx).any():
             raise DistillationError("tie_kd needs right-padded targets; do not pass --left-pad-target")
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        encoder_out = shared(encoder_out) if shared is not None else encoder_out
         teacher_encoder_outs = teacher.forward_encoder(net_input)
+        student_logits = None
         for n in range(self.iterations):
             if n > 0:
-                known = argmaxes is not None and len(argmaxes) >= n
-                predictions = argmaxes[n - 1][0] if known else student_logits.detach().argmax(dim=-1)
+                predictions = student_logits.detach().argmax(dim=-1) if argmaxes is None else argmaxes[n - 1][0]
                 prev = shift_predictions(prev, predictions, self.padding_idx, self.pad_replacement)
-            student_logits = model.decoder(prev, encoder_out=encoder_out)[0]
-            yield prev, student_logits, teacher.forward_decoder(prev, teacher_encoder_outs)
+            if argmaxes is None:
+                student_logits = model.decoder(prev, encoder_out=encoder_out)[0]
+                yield prev, student_logits, teacher.forward_decoder(prev, teacher_encoder_outs)
+            else:  # nothing of the pass stays referenced here while the caller uses (and frees) it
+                yield prev, model.decoder(prev, encoder_out=encoder_out)[0], teacher.forward_decoder(
+                    prev, teacher_encoder_outs)
 
     def teacher_cache_error(self, manifest):
         if self.iterations > 1:
@@ -94,9 +104,11 @@ class TieKDCriterion(KDCriterion):
             return f"--tie-topk {self.topk} exceeds the cache's k = {manifest['k']}: rebuild it with --k {self.topk}"
         return None
 
-    def forward(self, model, sample, reduce=True, teacher=None):
+    def forward(self, model, sample, reduce=True, teacher=None, backward=None):
+        """``backward`` (from the task in training): each pass's loss is backpropagated when formed."""
         if teacher is None:
             return self.gold_forward(model, sample)
+        step = losses.PassBackward(backward)
         if isinstance(teacher, CachedTeacher):  # --tie-iterations 1: the gold pass, bucketed KL, exact ranking
             topk = teacher.topk(sample)
             student_logits, target = self.student_forward(model, sample)
@@ -104,32 +116,34 @@ class TieKDCriterion(KDCriterion):
             kl, rank = losses.tie_kd_topk_terms(student_logits, *topk, target, self.padding_idx, topk=self.topk,
                                                 ranking=self.ranking, log_epsilon=self.log_epsilon)
             argmaxes = [(student_logits.detach().argmax(dim=-1), topk.ids[..., 0])]
-            return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], argmaxes)
+            return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], argmaxes, step)
         if wrapped_in_torch_ddp(model):
             raise DistillationError(
                 "tie_kd calls the student's encoder and decoder separately, which bypasses "
                 "DistributedDataParallel's gradient sync: train with --ddp-backend legacy_ddp"
             )
-        target, pad = sample["target"], self.padding_idx
+        target, pad, n = sample["target"], self.padding_idx, 0
         kl_sums, rank_sums, argmaxes = [], [], []  # argmaxes: per pass, computed once
-        passes = self.decoding_passes(model, sample["net_input"], teacher, argmaxes)
-        for n, (_, student_logits, teacher_lprobs) in enumerate(passes, start=1):
-            student_lprobs = losses.log_probs(student_logits)  # shared by the LS-NLL, the KL and the ranking
-            if n == 1:
-                ls_loss, nll_loss = losses.nll_from_log_probs(student_lprobs, target, pad, self.eps)
-            kl, rank = losses.tie_kd_terms(
-                student_logits, teacher_lprobs, target, pad, topk=self.topk, ranking=self.ranking, release_teacher=True,
-                log_epsilon=self.log_epsilon, student_lprobs=student_lprobs, teacher_normalized=True,
-            )
+        passes = self.decoding_passes(model, sample["net_input"], teacher, argmaxes, step.shared)
+        for _, student_logits, teacher_lprobs in passes:  # no enumerate: it would hold the last pass's tensors
+            n += 1
+            kl, rank, ls, nll, ids = losses.tie_kd_iteration(
+                student_logits, teacher_lprobs, target, pad, self.eps if n == 1 else None, topk=self.topk,
+                ranking=self.ranking, log_epsilon=self.log_epsilon)
+            del student_logits, teacher_lprobs  # read no more (backward reuses the teacher's storage)
+            kl, rank, ls, nll = step(lambda: losses.tie_kd_pass_loss(kl, rank, self.alpha, self.iterations, ls),
+                                     kl, rank, ls, nll)  # ls, nll: on the gold pass only
+            ls_loss, nll_loss = (ls, nll) if n == 1 else (ls_loss, nll_loss)
             kl_sums.append(kl)
             rank_sums.append(rank)
-            argmaxes.append((student_logits.detach().argmax(dim=-1), teacher_lprobs.argmax(dim=-1)))
-        return self.finish(sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes)
+            argmaxes.append(ids)
+        return self.finish(sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, step)
 
-    def finish(self, sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes):
+    def finish(self, sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, step=None):
         """The summed loss and the logging output; ``argmaxes``: per pass, the (student, teacher) argmaxes."""
         pad = self.padding_idx
         loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, self.alpha)
+        loss = step.finish(loss) if step is not None else loss
 
         logging_output = self.base_logging_output(sample, loss, nll_loss)
         logging_output["kd_loss"] = kd_loss.data

@@ -20,6 +20,8 @@ module                 owns
                        equilibrium
 ``selection``          Selective KD: hard-token selection, pre-0.10 label
                        smoothing
+``passes``             :class:`PassBackward`: a loss summed over decoder
+                       passes, backpropagated one pass at a time
 =====================  =======================================================
 
 Conventions (those of fairseq's criterions):
@@ -38,6 +40,7 @@ Conventions (those of fairseq's criterions):
 from fairseq_kd.losses.common import (
     _xlogy_ratio,
     label_smoothed_nll,
+    label_smoothed_nll_from_logits,
     label_smoothed_nll_per_position,
     label_smoothing_floor,
     log_mean_exp,
@@ -69,7 +72,9 @@ from fairseq_kd.losses.ranking import (
     hierarchical_ranking_from_probs,
     next_prefix,
     tie_kd_kl,
+    tie_kd_iteration,
     tie_kd_loss,
+    tie_kd_pass_loss,
     tie_kd_terms,
 )
 from fairseq_kd.losses.selection import (
@@ -101,6 +106,7 @@ __all__ = [
     "nll_from_log_probs",
     "label_smoothed_nll",
     "label_smoothed_nll_per_position",
+    "label_smoothed_nll_from_logits",
     "label_smoothing_floor",
     "log_mean_exp",
     "top1_agreement",
@@ -119,7 +125,9 @@ __all__ = [
     "hierarchical_ranking_from_probs",
     "hierarchical_ranking",
     "tie_kd_terms",
+    "tie_kd_iteration",
     "tie_kd_loss",
+    "tie_kd_pass_loss",
     "next_prefix",
     # self_evolution
     "SEKD_HARD_CRITERIA",
@@ -145,6 +153,10 @@ __all__ = [
     "selection_threshold",
     "select_hard_tokens",
 ]
+
+from fairseq_kd.losses.passes import PassBackward  # noqa: E402
+
+__all__ += ["PassBackward"]
 
 # top-k teacher (offline cache): the teacher's k tokens plus one tail bucket
 from fairseq_kd.losses.topk import (  # noqa: E402

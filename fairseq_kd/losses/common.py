@@ -101,6 +101,55 @@ def label_smoothed_nll_per_position(
     return (1.0 - epsilon - eps_i) * nll + eps_i * smooth, nll
 
 
+class _LabelSmoothedNLLFromLogits(torch.autograd.Function):
+    """:func:`label_smoothed_nll_per_position` of ``log_probs(logits)``, keeping only the log-probabilities,
+    whose storage backward turns into the gradient w.r.t. the logits chunk by chunk (no other
+    full-size tensor).  Each chunk's gradient is what autograd computes for the same expression, op for
+    op: the log-probabilities' gradient (the gather's and the sum's, added), then torch's own
+    log-softmax backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, padding_idx, epsilon):
+        lprobs = log_probs(logits)
+        ls, nll = label_smoothed_nll_per_position(lprobs, target, padding_idx, epsilon)
+        nll = nll.clone() if nll is ls else nll  # epsilon 0: one tensor, but only ``ls`` is differentiable
+        ctx.save_for_backward(lprobs, target)
+        ctx.options = (padding_idx, epsilon, logits.dtype)
+        ctx.mark_non_differentiable(nll)
+        return ls, nll
+
+    @staticmethod
+    def backward(ctx, grad_ls, grad_nll):
+        lprobs, target = ctx.saved_tensors
+        padding_idx, epsilon, dtype = ctx.options
+        vocab = lprobs.size(-1)
+        eps_i = epsilon / (vocab - 1)
+        keep = non_pad_mask(target, padding_idx).reshape(-1)
+        grad_ls, target = grad_ls.reshape(-1), target.reshape(-1, 1)
+        # the gradients autograd gives the log-probabilities: -c * g on the target, -eps_i * g everywhere
+        on_target = -(grad_ls * (1.0 - epsilon - eps_i) if epsilon != 0.0 else grad_ls).masked_fill(~keep, 0.0)
+        everywhere = -(grad_ls * eps_i).masked_fill(~keep, 0.0) if epsilon != 0.0 else None
+        flat = _flat(lprobs)  # overwritten chunk by chunk: a second backward fails (the saved tensor changed)
+        for sel in _chunks(flat.size(0), chunk_rows(vocab), None):
+            out = flat[sel]
+            if everywhere is None:
+                grad = torch.zeros_like(out).scatter_add_(-1, target[sel], on_target[sel].unsqueeze(-1))
+            else:
+                grad = everywhere[sel].unsqueeze(-1).expand_as(out) + torch.zeros_like(out).scatter_add_(
+                    -1, target[sel], on_target[sel].unsqueeze(-1))
+            flat[sel] = torch._log_softmax_backward_data(grad, out, -1, out.dtype)
+        return lprobs.to(dtype), None, None, None
+
+
+def label_smoothed_nll_from_logits(
+    logits: Tensor, target: Tensor, padding_idx: int, epsilon: float
+) -> Tuple[Tensor, Tensor]:
+    """Per-position ``(loss, nll)`` ``[B, T]`` of :func:`label_smoothed_nll_per_position` on
+    ``log_probs(logits)`` (the same values), differentiable in ``loss`` only: saves one
+    ``[B, T, V]`` tensor, in whose storage backward builds the logits' gradient."""
+    return _LabelSmoothedNLLFromLogits.apply(logits, target, padding_idx, epsilon)
+
+
 def label_smoothing_floor(epsilon: float, vocab_size: int) -> float:
     """Smallest value of the per-token label-smoothed NLL (fairseq >= 0.10 formula).
 
@@ -190,15 +239,18 @@ def _pair_grads(kind, log_p, log_q, log_epsilon, g, need_p, need_q):
 
 
 class _PairDivergence(torch.autograd.Function):
-    """Per-row ``sum_v f(log_p, log_q)`` of ``[N, V]`` inputs, chunk by chunk; zero
-    outside ``mask`` (or outside the index ``rows``).  Saves only its inputs."""
+    """Per-row ``sum_v f(log_p, log_q)`` of ``[..., V]`` inputs over their flattened ``[N, V]`` rows,
+    chunk by chunk; zero outside ``mask`` (or outside the index ``rows``).  Saves only its inputs.
+    The inputs are flattened here, not by the caller, so the gradients it returns are whole tensors
+    (no views): autograd can then add the other gradients of ``log_q`` into them in place."""
 
     @staticmethod
     def forward(ctx, log_p, log_q, mask, rows, kind, log_epsilon, chunk, overwrite_p=False):
-        out = log_p.new_zeros(log_p.size(0))
+        flat_p, flat_q = _flat(log_p), _flat(log_q)
+        out = log_p.new_zeros(flat_p.size(0))
         with torch.no_grad():
-            for sel in _chunks(log_p.size(0), chunk, rows):
-                out[sel] = _pair_rows(kind, log_p[sel], log_q[sel], log_epsilon)
+            for sel in _chunks(flat_p.size(0), chunk, rows):
+                out[sel] = _pair_rows(kind, flat_p[sel], flat_q[sel], log_epsilon)
         if mask is not None:
             out.masked_fill_(~mask, 0.0)
         ctx.save_for_backward(log_p, log_q, mask, rows)
@@ -210,23 +262,27 @@ class _PairDivergence(torch.autograd.Function):
         log_p, log_q, mask, rows = ctx.saved_tensors
         kind, log_epsilon, chunk, overwrite_p = ctx.options
         need_p, need_q = ctx.needs_input_grad[:2]
+        flat_p, flat_q = _flat(log_p), _flat(log_q)
         if mask is not None:
             grad_out = grad_out.masked_fill(~mask, 0.0)
         if overwrite_p and need_q and not need_p and kind in ("kl", "floored"):
-            grad_q = _grad_q_into_p(kind, log_p, log_q, mask, rows, log_epsilon, chunk, grad_out)
+            grad_q = _grad_q_into_p(kind, flat_p, flat_q, mask, rows, log_epsilon, chunk, grad_out)
+            grad_q = log_p if log_p.is_contiguous() else grad_q.view(log_q.shape)  # log_p's own storage
             return None, grad_q, None, None, None, None, None, None
-        grad_p = torch.zeros_like(log_p) if need_p else None
-        grad_q = torch.zeros_like(log_q) if need_q else None
-        for sel in _chunks(log_p.size(0), chunk, rows):
-            gp, gq = _pair_grads(kind, log_p[sel], log_q[sel], log_epsilon, grad_out[sel].unsqueeze(-1), need_p, need_q)
+        grad_p = torch.zeros_like(log_p, memory_format=torch.contiguous_format) if need_p else None
+        grad_q = torch.zeros_like(log_q, memory_format=torch.contiguous_format) if need_q else None
+        flat_grad_p = _flat(grad_p) if need_p else None
+        flat_grad_q = _flat(grad_q) if need_q else None
+        for sel in _chunks(flat_p.size(0), chunk, rows):
+            gp, gq = _pair_grads(kind, flat_p[sel], flat_q[sel], log_epsilon, grad_out[sel].unsqueeze(-1), need_p, need_q)
             if mask is not None:
                 keep = mask[sel].unsqueeze(-1)
                 gp = gp.masked_fill_(~keep, 0.0) if gp is not None else None
                 gq = gq.masked_fill_(~keep, 0.0) if gq is not None else None
             if need_p:
-                grad_p[sel] = gp
+                flat_grad_p[sel] = gp
             if need_q:
-                grad_q[sel] = gq
+                flat_grad_q[sel] = gq
         return grad_p, grad_q, None, None, None, None, None, None
 
 
@@ -280,7 +336,7 @@ def pair_divergence(
         raise ValueError(f"unknown pair divergence {kind!r}")
     flat_mask = mask.reshape(-1)
     out = _PairDivergence.apply(
-        _flat(log_p), _flat(log_q), None if rows is not None else flat_mask, rows, kind, log_epsilon,
+        log_p, log_q, None if rows is not None else flat_mask, rows, kind, log_epsilon,
         chunk_rows(log_p.size(-1)), overwrite_p,
     )
     return out.view(mask.shape)

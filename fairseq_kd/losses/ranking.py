@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fairseq_kd.losses.common import log_probs, non_pad_mask, pair_divergence, teacher_log_probs
+from fairseq_kd.losses.common import log_probs, nll_from_log_probs, non_pad_mask, pair_divergence, teacher_log_probs
 from fairseq_kd.losses.divergences import kl_from_log_probs
 
 
@@ -171,14 +171,32 @@ def tie_kd_terms(
     if student_lprobs is None:
         student_lprobs = log_probs(student_logits)
     teacher_lprobs = teacher_log_probs(teacher_logits, normalized=teacher_normalized)
+    rank = hierarchical_ranking_from_log_probs(student_lprobs, teacher_lprobs, topk) if ranking else None
+    # the KL last: backward runs it first, so its full-size gradient (in the teacher's storage with
+    # ``release_teacher``) becomes the student's gradient buffer, into which the ranking's are added
     if log_epsilon == 0.0:
         kl = kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
     else:
         kl = floored_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, log_epsilon, release_teacher)
-    if not ranking:
-        return kl.sum(), None
-    rank = hierarchical_ranking_from_log_probs(student_lprobs, teacher_lprobs, topk)
-    return kl.sum(), rank.masked_fill(~mask, 0.0).sum()
+    return kl.sum(), None if rank is None else rank.masked_fill(~mask, 0.0).sum()
+
+
+def tie_kd_iteration(
+    student_logits: Tensor, teacher_lprobs: Tensor, target: Tensor, padding_idx: int, epsilon: Optional[float] = None,
+    **options,
+):
+    """One TIE-KD iteration on a live teacher's normalised log-probabilities, whose storage backward
+    reuses: ``(kl_sum, rank_sum, ls_loss, nll_loss, (student argmax, teacher argmax))``, with the
+    label-smoothed NLL (:func:`~fairseq_kd.losses.common.nll_from_log_probs`) only for an
+    ``epsilon`` (the gold pass; else both None); one student log-softmax for all terms.  ``options``:
+    those of :func:`tie_kd_terms`."""
+    student_lprobs = log_probs(student_logits)
+    ls_loss = nll_loss = None
+    if epsilon is not None:
+        ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
+    kl, rank = tie_kd_terms(student_logits, teacher_lprobs, target, padding_idx, student_lprobs=student_lprobs,
+                            teacher_normalized=True, release_teacher=True, **options)
+    return kl, rank, ls_loss, nll_loss, (student_logits.detach().argmax(dim=-1), teacher_lprobs.argmax(dim=-1))
 
 
 def tie_kd_loss(
@@ -200,6 +218,17 @@ def tie_kd_loss(
     rank_loss = sum(ranks) / iterations if ranks else None
     distill = kd_loss + rank_loss if rank_loss is not None else kd_loss
     return (1.0 - alpha) * ls_loss + alpha * distill, kd_loss, rank_loss
+
+
+def tie_kd_pass_loss(
+    kl_sum: Tensor, rank_sum: Optional[Tensor], alpha: float, iterations: int, ls_loss: Optional[Tensor] = None
+) -> Tensor:
+    """One iteration's share of :func:`tie_kd_loss`: ``alpha / N * (KL_n + rank_n)``, plus
+    ``(1 - alpha) * ls_loss`` when given (the gold pass); summed over the N iterations it is the loss
+    (up to float rounding), so each iteration can be backpropagated on its own."""
+    distill = kl_sum + rank_sum if rank_sum is not None else kl_sum
+    loss = (alpha / iterations) * distill
+    return loss + (1.0 - alpha) * ls_loss if ls_loss is not None else loss
 
 
 def next_prefix(

@@ -226,21 +226,65 @@ def token_terms(teacher, teacher_encoder_out, prefix, student_logits, target, pa
     # a cached top-k teacher's argmax is its first id
     teacher_ids = teacher_lprobs[0][..., 0] if isinstance(teacher_lprobs, tuple) else teacher_lprobs.argmax(-1)
     agree = common.agreement_from_ids(student_logits.detach().argmax(-1), teacher_ids, target, pad)
-    log = dict(tok_loss=kl.sum().data, tok_tokens=mask.sum().item(), kd_agree=agree, kd_tokens=mask.sum())
+    tokens = mask.sum()
+    log = dict(tok_loss=kl.sum().data, tok_tokens=tokens, kd_agree=agree, kd_tokens=tokens)
     return kl * temperature_factor, mask, log
 
 
 def sentence_level(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
     """``(label-smoothed NLL per position [B, T], its NLL part, the mask)`` of y_hat."""
     mask = target.ne(pad)
-    ls, nll = losses.label_smoothed_nll_per_position(losses.log_probs(hyp_logits), target, pad, eps)
+    ls, nll = losses.label_smoothed_nll_from_logits(hyp_logits, target, pad, eps)  # lean: one [B, T, V] saved
     return ls, nll, mask
 
 
 def sentence_terms(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
     """``(L_sent per position [B, T], its mask, logging values sent_loss, sent_nll, sent_tokens)``."""
     ls, nll, mask = sentence_level(hyp_logits, target, pad, eps)
-    return ls, mask, dict(sent_loss=ls.sum().data, sent_nll=nll.sum().data, sent_tokens=mask.sum().item())
+    return ls, mask, dict(sent_loss=ls.sum().data, sent_nll=nll.sum().data, sent_tokens=mask.sum())
+
+
+def hyp_pass(cfg, sample, teacher, teacher_encoder_out, model, encoder_out, pad: int, eos: int, token: bool,
+             sentence: bool, temperature: float, temperature_factor: float, eps: float, logging_output: Dict):
+    """The student's pass on the teacher translation y_hat (:func:`sentence_target`):
+    ``(L_tok, its mask, L_sent, its mask)`` per position (None for a level not asked for: ``token``,
+    ``sentence``), the student's decoder states on y_hat and the vocabulary size; the levels' logging
+    values go to ``logging_output``.  Nothing full-size outlives the call but what backward needs."""
+    hyp = sentence_target(cfg, sample, teacher, teacher_encoder_out, model, pad, eos)
+    hyp_teacher = hyp.pop("teacher_lprobs")
+    hyp_teacher = hyp_teacher if token else None  # unused: freed here
+    hyp_logits, hyp_features = decode_student(model, hyp["prev_output_tokens"], encoder_out)
+    token_pos = token_mask = sent_pos = sent_mask = None
+    if token:
+        token_pos, token_mask, token_log = token_terms(
+            teacher, teacher_encoder_out, hyp["prev_output_tokens"], hyp_logits, hyp["target"], pad, temperature,
+            temperature_factor, teacher_lprobs=hyp_teacher)
+        logging_output.update(token_log)
+    if sentence:
+        sent_pos, sent_mask, sent_log = sentence_terms(hyp_logits, hyp["target"], pad, eps)
+        logging_output.update(sent_log)
+    return token_pos, token_mask, sent_pos, sent_mask, hyp_features, hyp_logits.size(-1)
+
+
+def gold_pass(model, teacher, teacher_encoder_out, sample, encoder_out, pad: int, eps: float, token: bool,
+              grad: bool, temperature: float, temperature_factor: float, logging_output: Dict):
+    """The student's pass on the gold target: ``(L_tok per position and its mask, or None, None unless
+    ``token``; LS-NLL; NLL)``, with gradients only when ``grad``; the token level's logging values go to
+    ``logging_output``.  The teacher runs first, so its logits are gone before the student's exist."""
+    prev, target = sample["net_input"]["prev_output_tokens"], sample["target"]
+    teacher_lprobs = None
+    if token:
+        cached = teacher_encoder_out is None  # the cache's top-k, else the live teacher's log-probabilities
+        teacher_lprobs = teacher.topk(sample) if cached else teacher.forward_decoder(prev, teacher_encoder_out)
+    logits, lprobs, gold_ls, gold_nll = gold_terms(model, prev, encoder_out, target, pad, eps, grad)
+    if not token:
+        return None, None, gold_ls, gold_nll
+    token_pos, token_mask, token_log = token_terms(
+        teacher, teacher_encoder_out, prev, logits, target, pad, temperature, temperature_factor,
+        teacher_lprobs=teacher_lprobs, student_lprobs=lprobs if temperature == 1.0 else None,
+    )
+    logging_output.update(token_log)
+    return token_pos, token_mask, gold_ls, gold_nll
 
 
 def student_loss(alpha: float, hybrid: Tensor, gold_ls: Tensor, gate_objective: Optional[Tensor]):
@@ -267,6 +311,34 @@ def per_unit(values: Tensor, gate_kind: str) -> Tensor:
     return values
 
 
+def gate_logits(gate: Optional[HybridGate], encoder_out, hyp_features: Optional[Tensor]) -> Optional[Tensor]:
+    """The logit z of ``G = sigmoid(z)`` per unit of a learned gate (None for ``--gate fixed``), from the
+    detached inputs of its kind: none (``scalar``), the pooled encoder output, the decoder states on y_hat."""
+    if gate is None:
+        return None
+    if gate.kind == "scalar":
+        return gate()
+    return gate(pooled_encoder_states(encoder_out) if gate.kind == "sentence" else hyp_features)
+
+
+def level_weights(logits: Optional[Tensor], fixed_gate: Optional[float]):
+    """``(sg(G), 1 - sg(G))``: the weights of the token and the sentence level per gate unit (floats for
+    a fixed gate; a fixed gate of 1 or 0 computes one level only, whose weight is then 1)."""
+    if logits is None:
+        return fixed_gate, 1.0 - fixed_gate
+    gate = torch.sigmoid(logits).detach()
+    return gate, 1.0 - gate
+
+
+def level_share(alpha: float, values: Optional[Tensor], weight, gate_kind: str):
+    """``alpha * sum_u w_u L_u``: one level's part of the student's loss (0 for a level not computed),
+    for backpropagating each student pass on its own; both levels' shares plus ``(1 - alpha)`` times the
+    gold LS-NLL sum to :func:`student_loss`'s loss, up to float rounding."""
+    if values is None:
+        return 0.0
+    return alpha * (weight * per_unit(values, gate_kind)).sum()
+
+
 def fixed_mixture(token_pos: Optional[Tensor], sent_pos: Optional[Tensor], fixed_gate: float) -> Tensor:
     """``G * L_tok + (1 - G) * L_sent`` for a constant G (a level not computed is None)."""
     if sent_pos is None:
@@ -277,17 +349,11 @@ def fixed_mixture(token_pos: Optional[Tensor], sent_pos: Optional[Tensor], fixed
 
 
 def learned_mixture(
-    gate: HybridGate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features,
-    eps: float, vocab_size: int, prior: float, prior_weight: float,
+    kind: str, logits: Tensor, token_pos, token_mask, sent_pos, sent_mask, eps: float, vocab_size: int,
+    prior: float, prior_weight: float,
 ):
-    """``(sum_u sg(G_u) L_tok,u + (1 - sg(G_u)) L_sent,u,  J,  G of every unit)``."""
-    kind = gate.kind
-    if kind == "scalar":
-        logits = gate()
-    elif kind == "sentence":
-        logits = gate(pooled_encoder_states(encoder_out))
-    else:  # token: both levels on the teacher-translation positions
-        logits = gate(hyp_features)
+    """``(sum_u sg(G_u) L_tok,u + (1 - sg(G_u)) L_sent,u,  J,  (G of every unit, their mask))`` for the
+    gate logits ``logits`` (:func:`gate_logits`)."""
     token_loss, sent_loss = per_unit(token_pos, kind), per_unit(sent_pos, kind)
     token_count = per_unit(token_mask.to(token_pos), kind)
     sent_count = per_unit(sent_mask.to(sent_pos), kind)
@@ -298,27 +364,29 @@ def learned_mixture(
     objective = losses.gate_objective(
         logits, token_loss, sent_loss - floor * sent_count, token_count, sent_count, prior, prior_weight,
     )
-    values = values[sent_mask] if kind == "token" else values.reshape(-1)
-    return hybrid, objective, values
+    return hybrid, objective, (values, sent_mask if kind == "token" else None)
 
 
-def mixture(gate: Optional[HybridGate], fixed_gate: Optional[float], token_pos, token_mask, sent_pos, sent_mask,
-            encoder_out, hyp_features, eps: float, vocab_size: Optional[int], prior: float, prior_weight: float):
-    """``(gated loss, J or None, G of every unit)`` for a fixed (``gate`` None) or a learned gate."""
-    if gate is None:
-        return fixed_mixture(token_pos, sent_pos, fixed_gate), None, torch.tensor([fixed_gate])
+def mixture(gate_kind: str, logits: Optional[Tensor], fixed_gate: Optional[float], token_pos, token_mask, sent_pos,
+            sent_mask, eps: float, vocab_size: Optional[int], prior: float, prior_weight: float):
+    """``(gated loss, J or None, (G of every unit, their mask or None))`` for a fixed (``logits`` None) or
+    a learned gate."""
+    if logits is None:
+        device = (token_pos if token_pos is not None else sent_pos).device
+        return fixed_mixture(token_pos, sent_pos, fixed_gate), None, (torch.full((1,), fixed_gate, device=device), None)
     return learned_mixture(
-        gate, token_pos, token_mask, sent_pos, sent_mask, encoder_out, hyp_features, eps, vocab_size, prior,
-        prior_weight,
+        gate_kind, logits, token_pos, token_mask, sent_pos, sent_mask, eps, vocab_size, prior, prior_weight,
     )
 
 
-def gate_statistics(gate_values: Tensor) -> Dict:
-    """Summable logging values of G: ``gate_sum``, ``gate_sq_sum``, ``gate_count``."""
+def gate_statistics(gate_values: Tensor, mask: Optional[Tensor] = None) -> Dict:
+    """Summable logging values of G over the units (those inside ``mask``): ``gate_sum``,
+    ``gate_sq_sum``, ``gate_count``; tensors, so logging forces no device sync."""
     gate_values = gate_values.detach().double()
-    return dict(
-        gate_sum=gate_values.sum().item(), gate_sq_sum=gate_values.pow(2).sum().item(), gate_count=gate_values.numel()
-    )
+    if mask is None:
+        return dict(gate_sum=gate_values.sum(), gate_sq_sum=gate_values.pow(2).sum(), gate_count=gate_values.numel())
+    gate_values = gate_values.masked_fill(~mask, 0.0)
+    return dict(gate_sum=gate_values.sum(), gate_sq_sum=gate_values.pow(2).sum(), gate_count=mask.sum())
 
 
 def reduce_gate_metrics(logging_outputs) -> None:

@@ -194,16 +194,33 @@ class DistillationTranslationTask(TranslationTask):
         guards.restore_training_state(task_state, criterion)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's train step with the teacher handed to the criterion.  A criterion with
+        ``backward_per_pass`` (a loss summed over several decoder passes) is also handed a
+        ``backward`` callable, which it calls on each pass's share of the loss (through
+        ``optimizer.backward``: fp16 loss scaling and AMP apply; zeroed for an ignored batch); it
+        returns its total loss detached and this step runs no backward of its own.  Several backward
+        calls in one step only accumulate into the gradients, which fairseq's trainer all-reduces
+        after ``train_step`` under ``--ddp-backend legacy_ddp`` and sums over ``--update-freq``
+        (torch's DDP, whose hooks expect one backward per forward, is refused for these criterions)."""
         guards.check_data_parallel(criterion, model)
         model.train()
         model.set_num_updates(update_num)
         kwargs = self.criterion_kwargs(criterion, model)
+        per_pass = bool(kwargs) and getattr(criterion, "backward_per_pass", False)
+        if per_pass:
+
+            def backward(part):  # outside autocast, as the whole loss's backward below
+                with torch.autograd.profiler.record_function("backward"), torch.autocast("cuda", enabled=False):
+                    optimizer.backward(part * 0 if ignore_grad else part)
+
+            kwargs["backward"] = backward
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
                 loss, sample_size, logging_output = criterion(model, sample, **kwargs)
         if ignore_grad:
             loss *= 0
-        with torch.autograd.profiler.record_function("backward"):
-            optimizer.backward(loss)
+        if not per_pass:
+            with torch.autograd.profiler.record_function("backward"):
+                optimizer.backward(loss)
         guards.check_teacher_output(kwargs.get("teacher"), sample, update_num)
         return loss, sample_size, logging_output
