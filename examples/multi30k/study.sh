@@ -14,27 +14,20 @@
 # examples/multi30k/results/ (--size study) or WORK/results (--size tiny): study.md, the PNG plots,
 # valid_curves.csv.  Every stage is resumable (WORK/stages); two KD students train at a time.
 #
-# Sizing (--size study), measured here with one intra-op thread per process, --max-tokens 4096
-# (~3,800 target tokens per update), SentencePiece 4k (29k pairs: 516k target tokens = 136 updates
-# per epoch).  CPU seconds per update, measured on this 2-core machine while other jobs loaded it
-# (load average 7-9, so these are upper bounds):
-#   student 128-dim 2+2 (ffn 512), LS-CE:           1.1 s   (8k vocabulary: 1.6 s)
-#   teacher 256-dim 3+3 (ffn 1024), LS-CE:          3.4 s   (8k vocabulary: 4.2 s)
-#   word_kd student with the live 256-dim teacher:  2.95 s  (the teacher's forward is ~1.5 s of it)
-#   teacher beam-5 decoding: ~33 s per 1,000 sentences -> ~830 s for the 29k training sources
-#   process start-up (imports, data, model): ~14 s
-# Other criteria from the measured ratios of docs (performance notes), with this teacher:
-#   seq_kd 1.1, word_kd cached ~1.2, word_kd rkl / selective_kd / Word-KD+Seq-KD ~3.0,
-#   self_evolution_kd ~3.6, hybrid_gated_kd (offline) ~4.0, tie_kd (3 iterations) ~8.6 s per update.
-# With STUDENT_UPDATES=300, TEACHER_UPDATES=700:
-#   phase 1: teacher 700 x 3.4 = 2,380 s on one core; the 3 baselines (3 x 300 x 1.1 = 990 s) on the other
-#   phase 2: beam-5 decoding in 2 shards ~420 s, teacher cache ~170 s
-#   phase 3: KD students 300 x (3 x 2.95 + 1.2 + 1.1 + 3.0 + 8.6 + 3.6 + 4.0 + 3.0 + 3.0) = 10,860 CPU s
-#            on 2 cores = 5,430 s
-#   phase 4: 15 models x (test + valid) beam-5 decoding ~600 CPU s on 2 cores = 300 s; analysis, report ~100 s
-#   total ~ 80 (prepare) + 2,380 + 590 + 5,430 + 400 = 8,880 s = 148 min  (<= 150 min)
-# The teacher (2.4x the student's width, 5 epochs) is meant to be several BLEU above the
-# 2-epoch baseline student: the study is about what KD adds to an under-trained small student.
+# Sizing (--size study), from the committed run (examples/multi30k/results/study.md: 97 min on 2 cores,
+# one intra-op thread per process, two processes at a time, --max-tokens 4096 = ~3,300 target tokens per
+# update, SentencePiece 4k, 29k pairs = 152 updates per epoch).  Wall seconds per update measured there:
+#   teacher 256-dim 3+3 (ffn 1024), LS-CE:        4.4 s      student 128-dim 2+2 (ffn 512), LS-CE: 1.25 s
+#   word_kd / self_evolution_kd / selective_kd / reverse KL from the cache: 1.3-1.4 s; seq_kd 1.3 s
+#   hybrid_gated_kd (cache + offline sentence targets): 1.8 s; word_kd, live teacher: 2.7 s;
+#   Word-KD + Seq-KD (live): 2.5 s; tie_kd (3 iterations, live): 10.3 s
+#   CTranslate2 beam-5 decoding of the 29k training sources: ~20 min; a beam-5 test/valid decode ~1 min
+# With TEACHER_UPDATES=450 and STUDENT_UPDATES=180:
+#   phase 1: teacher 450 x 4.4 = 33 min; the 3 baselines (3 x 180 x 1.25 = 11 min) on the other core
+#   phase 2: tie_kd (31 min) next to the Seq-KD decoding, the cache (~2 min), the analysis and word_kd_live
+#   phase 3: the 10 other students, two at a time (~40 min with their translations); report ~1 min
+# The teacher (4.6x the student's parameters, 3 epochs) scores 11 BLEU above the baseline students
+# (1.2 epochs): the study is about what KD adds to an under-trained small student.
 # --size tiny: a few hundred lines and a few updates, for the test (tests/test_study.py).
 set -euo pipefail
 
