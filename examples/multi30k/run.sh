@@ -8,7 +8,7 @@
 # (WORK/results.md).  A finished stage is skipped on a re-run; an interrupted
 # fairseq-train resumes from its checkpoint_last.pt.
 #
-# --size demo (default) runs in about 13 minutes on 2 CPU cores: a slice of the
+# --size demo (default) runs in about 20 minutes on 2 CPU cores: a slice of the
 # training data and tiny models, for a smoke-level comparison.  --size full uses
 # all 29k pairs and larger models (hours on a CPU, minutes on a GPU).
 # --data-root is the folder holding multi30k_en_de/ (default ../shared/data next
