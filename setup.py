@@ -37,8 +37,8 @@ setup(
         "ct2": ["ctranslate2>=4.0"],
         # COMET scores in the recipes' tables (--comet-model PATH)
         "comet": ["unbabel-comet>=2.0"],
-        # the study's plots
-        "study": ["matplotlib"],
+        # examples/multi30k/study.sh: its Seq-KD decoding (CTranslate2) and its plots
+        "study": ["ctranslate2>=4.0", "matplotlib"],
         "test": ["pytest>=7", "ctranslate2>=4.0", "matplotlib"],
     },
     # the command-line tools, named in fairseq's style; each is also `python -m MODULE`

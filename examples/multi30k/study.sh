@@ -4,15 +4,16 @@
 #   bash examples/multi30k/study.sh [--size study|tiny] [--data-root DIR] [--work DIR]
 #        [--extra-test NAME=SRC_FILE,REF_FILE]...
 #
-# Rows (one student architecture, the same number of updates): baseline and word_kd with 3 seeds,
-# word_kd from the offline teacher cache (skipped with the reason when fairseq_kd.cache is absent),
-# seq_kd on the teacher's beam-5 translations, Word-KD + Seq-KD, tie_kd, self_evolution_kd,
+# Rows (one student architecture, the same number of updates): baseline and word_kd (from the offline
+# teacher cache) with 3 seeds, word_kd with the live teacher, seq_kd on the teacher's beam-5
+# translations (decoded by CTranslate2), Word-KD + Seq-KD, tie_kd, self_evolution_kd,
 # hybrid_gated_kd (offline sentence targets), selective_kd, word_kd with the reverse KL.  Every row
 # is scored on test_2016_flickr (the corpus' test split), the validation split and every
 # --extra-test with sacreBLEU BLEU/chrF, paired bootstrap against the baseline; the teacher
 # analysis (fairseq-kd-analyze-teacher) runs on the validation split.  Outputs in
 # examples/multi30k/results/ (--size study) or WORK/results (--size tiny): study.md, the PNG plots,
 # valid_curves.csv.  Every stage is resumable (WORK/stages); two KD students train at a time.
+# Needs the study extra (ctranslate2, matplotlib): pip install -e '.[study]'.
 #
 # Sizing (--size study), from the committed run (examples/multi30k/results/study.md: 97 min on 2 cores,
 # one intra-op thread per process, two processes at a time, --max-tokens 4096 = ~3,300 target tokens per
@@ -93,6 +94,8 @@ LENPEN=1; TEST_BATCH=128; FP16=0
 # shellcheck source=../../scripts/lib/pipeline.sh
 source "$REPO/scripts/lib/pipeline.sh"
 pipeline_setup
+"$PYTHON" -c "import ctranslate2, matplotlib" 2>/dev/null \
+    || die "the study decodes with ctranslate2 and plots with matplotlib: pip install -e '${REPO}[study]'"
 # the study's time: the wall time of every invocation (a run split over two invocations adds both)
 STUDY_START=$(date +%s)
 trap 'echo $(( $(date +%s) - STUDY_START )) >> "$WORK/study.invocations"' EXIT
