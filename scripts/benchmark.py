@@ -127,9 +127,72 @@ def run(cmd, threads, **kwargs):
 # ---- data: one binarized Multi30k per vocabulary size ----------------------------------------------------------------
 
 
-def prepare_vocab(data_root, work, nominal, limits, threads):
+def pad_vocab(base, work, nominal):
+    """The data of ``base`` (:func:`prepare_vocab`) with its dictionary padded by unused symbols up to
+    ``nominal`` entries: the same text and token ids, an output layer and ``[tokens, V]`` tensors of a
+    ``nominal``-entry vocabulary."""
+    from fairseq.data import Dictionary
+
+    out = os.path.join(work, f"v{nominal}")
+    info_path = os.path.join(out, "info.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            return json.load(f)
+    shutil.rmtree(out, ignore_errors=True)
+    bin_dir = os.path.join(out, "bin")
+    shutil.copytree(base["bin"], bin_dir)
+    d = Dictionary.load(os.path.join(bin_dir, f"dict.{SRC}.txt"))
+    padding = 0
+    while len(d) < nominal:
+        d.add_symbol(f"madeupword{padding:05d}", n=0)
+        padding += 1
+    for lang in (SRC, TGT):
+        d.save(os.path.join(bin_dir, f"dict.{lang}.txt"))
+    info = dict(base, nominal=nominal, vocab=len(d), padding_symbols=base["padding_symbols"] + padding,
+                bin=bin_dir, padded_from=base["nominal"])
+    with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f)
+    os.replace(info_path + ".tmp", info_path)
+    return info
+
+
+def pad_teacher(base_path, info, save_dir):
+    """``base_path``'s teacher with zero rows appended to its embeddings and output layer for the padding
+    symbols of ``info`` (logit 0: never chosen over the trained tokens, so it translates as the base
+    teacher does), its data directory set to ``info``'s; read by the safe loader, written atomically."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from fairseq_kd.checkpoints import load_checkpoint_state
+
+    path = os.path.join(save_dir, "checkpoint_last.pt")
+    if os.path.isfile(path):
+        return path
+    state = load_checkpoint_state(base_path)
+    for key, weight in state["model"].items():
+        if key.endswith(("embed_tokens.weight", "output_projection.weight")) and weight.size(0) < info["vocab"]:
+            state["model"][key] = torch.cat([weight, weight.new_zeros(info["vocab"] - weight.size(0), weight.size(1))])
+    cfg = state["cfg"]
+    OmegaConf.set_struct(cfg, False)
+    cfg.task.data = info["bin"]
+    state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    recorded = (state.get("task_state") or {}).get("dictionary_sha256")
+    if recorded:  # the padded dictionaries are the ones it is trained with now
+        from fairseq_kd.teacher.ensemble import dictionary_sha256
+
+        for name in list(recorded):
+            recorded[name] = dictionary_sha256(os.path.join(info["bin"], name))
+    os.makedirs(save_dir, exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def prepare_vocab(data_root, work, nominal, limits, threads, train_pairs=None):
     """Joint SentencePiece (``hard_vocab_limit`` off: a small corpus may not hold ``nominal`` pieces) and
-    a fairseq dictionary padded with unused symbols up to ``nominal`` entries; returns the data info."""
+    a fairseq dictionary padded with unused symbols up to ``nominal`` entries, both learnt from the
+    training pairs of ``limits``; only the first ``train_pairs`` of them are binarized (the batches timed,
+    the cache and the decoding teacher need no more).  Returns the data info."""
     import sentencepiece as spm
     from fairseq.data import Dictionary
 
@@ -168,9 +231,19 @@ def prepare_vocab(data_root, work, nominal, limits, threads):
     from fairseq import options
     from fairseq_cli import preprocess
 
+    trainpref = os.path.join(spm_text, "train")
+    if train_pairs:
+        for lang in (SRC, TGT):
+            with open(f"{trainpref}.{lang}", encoding="utf-8") as f, \
+                    open(f"{trainpref}_bin.{lang}", "w", encoding="utf-8") as out:
+                for i, line in enumerate(f):
+                    if i == train_pairs:
+                        break
+                    out.write(line)
+        trainpref += "_bin"
     preprocess.main(options.get_preprocessing_parser().parse_args([
         "--source-lang", SRC, "--target-lang", TGT,
-        "--trainpref", os.path.join(spm_text, "train"), "--validpref", os.path.join(spm_text, "valid"),
+        "--trainpref", trainpref, "--validpref", os.path.join(spm_text, "valid"),
         "--testpref", os.path.join(spm_text, "test"), "--destdir", bin_dir, "--srcdict", dict_file,
         "--tgtdict", dict_file, "--workers", "1",
     ]))
@@ -179,7 +252,7 @@ def prepare_vocab(data_root, work, nominal, limits, threads):
         shutil.copy(os.path.join(bin_dir, f"train.{SRC}-{TGT}.{TGT}.{ext}"),
                     os.path.join(bin_dir, f"{TEACHER_TARGET_SUBSET}.{SRC}-{TGT}.{TGT}.{ext}"))
     info = {"nominal": nominal, "vocab": len(d), "sentencepiece_pieces": pieces, "padding_symbols": padding,
-            "bin": bin_dir, "raw": raw}
+            "bin": bin_dir, "raw": raw, "train_pairs_binarized": train_pairs}
     with open(info_path + ".tmp", "w") as f:
         json.dump(info, f)
     os.replace(info_path + ".tmp", info_path)
@@ -217,7 +290,14 @@ def train_teacher(bin_dir, save_dir, arch, updates, max_tokens):
          "--log-interval", "50", "--no-progress-bar", "--disable-validation"]
     quiet_logging()  # fairseq_cli.train logs to stdout, where the table goes
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
-    distributed_utils.call_main(cfg, train_main)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # not timed: every core
+    try:
+        distributed_utils.call_main(cfg, train_main)
+    finally:
+        torch.set_num_threads(threads)
     if not os.path.isfile(path):
         raise SystemExit(f"benchmark: fairseq-train wrote no {path}")
     return path
@@ -455,11 +535,14 @@ def _memory_job(spec, conn):
 
 
 def measure_memory(spec, names):
-    """Peak bytes per criterion, each in a fresh child process forked before any model is built in
-    this one (two at a time; each builds its own setup and measures above it)."""
+    """Peak bytes per criterion, each in a fresh child process (two at a time; each builds its own setup
+    and measures above it).  The children are forked by a fork server, a new interpreter that has
+    imported torch and fairseq and done nothing else: forked from this process, which has trained the
+    teacher, a child would reuse memory freed here without its resident size growing."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "torch", "fairseq", "fairseq.tasks", "fairseq_kd"])
     results, pending, running = {}, list(names), []
     while pending or running:
         while pending and len(running) < 2:
@@ -724,10 +807,9 @@ def benchmark_vocab(info, arch, teacher, args, skipped, work):
     else:
         cache_dir, bytes_per_token, index_per_token = build_cache(
             info["bin"], teacher, os.path.join(work, f"cache_v{nominal}"), args.threads)
-    # memory first: the children are forked before this process builds any model
     log(f"V={nominal}: peak memory, one fresh child process per criterion")
     spec = {"bin": info["bin"], "arch": arch, "teacher": teacher, "max_tokens": args.max_tokens,
-            "batches": min(args.batches, 2), "threads": args.threads}
+            "batches": 2, "threads": args.threads}  # two steps: the second with the optimizer's state
     memory = measure_memory(spec, names)
     if cache_dir:
         memory.update(measure_memory(dict(spec, cache_dir=cache_dir), [n + "_cached" for n in CACHED]))
@@ -784,18 +866,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny models, 2,000 training pairs, 100 decoded sentences, fewer repetitions (CI)")
     parser.add_argument("--reps", type=int, help="interleaved repetitions (default: 2)")
-    parser.add_argument("--batches", type=int, help="batches per repetition (default: 2)")
-    parser.add_argument("--max-tokens", type=int, help="tokens per batch (default: 2048; quick: 512)")
+    parser.add_argument("--batches", type=int, help="batches per repetition (default: 1)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per batch (default: 1024; quick: 512)")
     parser.add_argument("--decode-sentences", type=int, help="test sentences decoded (default: 1000; quick: 100)")
-    parser.add_argument("--teacher-updates", type=int, help="updates of the decoding teacher (default: 200; quick: 30)")
+    parser.add_argument("--teacher-updates", type=int, help="updates of the teacher (default: 150; quick: 30)")
+    parser.add_argument("--train-pairs", type=int, help="training pairs binarized for the timed batches, the cache "
+                        "and the decoding teacher (default: 4000; quick: 2000); SentencePiece and the dictionary "
+                        "are learnt from all of them (quick: from the 2,000)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of every timed run (default: 1)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.reps = args.reps or 2
-    args.batches = args.batches or 2
-    args.max_tokens = args.max_tokens or (512 if quick else 2048)
+    args.batches = args.batches or 1
+    args.max_tokens = args.max_tokens or (512 if quick else 1024)
     args.decode_sentences = args.decode_sentences or (100 if quick else 1000)
-    args.teacher_updates = args.teacher_updates or (30 if quick else 200)
+    args.teacher_updates = args.teacher_updates or (30 if quick else 150)
     arch = "quick" if quick else "full"
 
     import torch
@@ -808,22 +893,24 @@ def main(argv=None):
     started = time.time()
     work = args.work_dir or tempfile.mkdtemp(prefix="fairseq-kd-benchmark.")
     os.makedirs(work, exist_ok=True)
+    args.train_pairs = args.train_pairs or (2000 if quick else 4000)
     limits = {"train": 2000 if quick else None, "valid": 100, "test": args.decode_sentences}
     skipped = []
     try:
-        infos = {}
-        for nominal in NOMINAL_VOCABS:
-            log(f"data: Multi30k {SRC}-{TGT}, vocabulary {nominal}")
-            infos[nominal] = prepare_vocab(args.data_root, work, nominal, limits, args.threads)
-        teachers = {}
-        for nominal in NOMINAL_VOCABS:
-            updates = args.teacher_updates if nominal == NOMINAL_VOCABS[0] else 1
-            log(f"teacher V={nominal}: fairseq-train, {updates} update(s)")
-            teachers[nominal] = train_teacher(infos[nominal]["bin"], os.path.join(work, f"teacher_v{nominal}"),
-                                              arch, updates, args.max_tokens)
+        small, large = NOMINAL_VOCABS
+        log(f"data: Multi30k {SRC}-{TGT}, SentencePiece vocabulary {small}, and its dictionary padded to {large}")
+        infos = {small: prepare_vocab(args.data_root, work, small, limits, args.threads, args.train_pairs)}
+        infos[large] = pad_vocab(infos[small], work, large)
+        log(f"teacher: fairseq-train, {args.teacher_updates} updates; the V={large} teacher is it with zero rows "
+            f"for the padding symbols (it translates alike)")
+        teachers = {small: train_teacher(infos[small]["bin"], os.path.join(work, f"teacher_v{small}"), arch,
+                                         args.teacher_updates, args.max_tokens)}
+        teachers[large] = pad_teacher(teachers[small], infos[large], os.path.join(work, f"teacher_v{large}"))
         per_vocab = {}
         for nominal in NOMINAL_VOCABS:
-            per_vocab[nominal] = benchmark_vocab(infos[nominal], arch, teachers[nominal], args, skipped, work)
+            per_vocab[nominal] = r = benchmark_vocab(infos[nominal], arch, teachers[nominal], args, skipped, work)
+            log(f"V={nominal} done (step time / peak memory ratios): " + ", ".join(
+                f"{n} {t:.2f}/{r['peak_memory_ratio'].get(n, math.nan):.2f}" for n, t in r["step_time_ratio"].items()))
         log(f"decoding {args.decode_sentences} sentences: fairseq-generate, fairseq backend, CTranslate2 float32/int8")
         info = infos[NOMINAL_VOCABS[0]]
         decode = benchmark_decoding(info["bin"], info["raw"], teachers[NOMINAL_VOCABS[0]], args.reps, 5,

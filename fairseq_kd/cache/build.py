@@ -75,13 +75,13 @@ class IndexedWriter:
 def teacher_topk(teacher, net_input, k: int, temperature: float):
     """``(ids, lprobs)`` ``[B, T, k]``: the teacher's ``k`` most probable tokens on the gold prefixes
     and their log-probabilities at ``temperature`` (float32), sorted by decreasing value."""
-    from fairseq_kd.losses import log_probs
+    from fairseq_kd.losses import log_probs, topk_ids
 
     lprobs = teacher(net_input)
     if temperature != 1.0:
         lprobs = log_probs(lprobs, temperature)
-    values, ids = lprobs.topk(k, dim=-1, sorted=True)
-    return ids, values
+    ids = topk_ids(lprobs, k)  # block maxima: the ids of lprobs.topk(k), by decreasing value
+    return ids, lprobs.gather(-1, ids)
 
 
 def _batches(dataset, start: int, end: int, max_tokens: int, max_sentences: Optional[int]):

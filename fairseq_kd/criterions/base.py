@@ -33,7 +33,7 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd import losses
-from fairseq_kd.losses import common
+from fairseq_kd.losses import block_max, common
 from fairseq_kd.cache.dataset import CachedTeacher, TopKTeacher
 from fairseq_kd.errors import DistillationError
 
@@ -107,11 +107,14 @@ class KDCriterion(FairseqCriterion):
 
     def teacher_forced_kd(self, model, sample, teacher, loss_fn, topk_loss_fn=None, **options):
         """``loss_fn(student_logits, teacher_lprobs, target, pad, **kd_loss_options, **options)`` on the gold
-        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(student_logits, teacher_lprobs, target)``;
-        with a cached teacher ``topk_loss_fn(student_logits, ids, topk_lprobs, target, pad, ...)`` instead.
-        A live teacher's output is normalised log-probabilities, so ``loss_fn`` is told not to log-softmax it again."""
-        student_logits, target = self.student_forward(model, sample)
+        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(ids, target)`` with ``ids`` the
+        :meth:`agreement_ids` (None without a teacher); with a cached teacher
+        ``topk_loss_fn(student_logits, ids, topk_lprobs, target, pad, ...)`` instead.  A live teacher's
+        output is normalised log-probabilities, so ``loss_fn`` is told not to log-softmax it again."""
+        # the teacher first: its logits are freed before the student's exist
         teacher_lprobs = self.teacher_distribution(sample, teacher)
+        student_logits, target = self.student_forward(model, sample)
+        ids = None if teacher_lprobs is None else self.agreement_ids(student_logits, teacher_lprobs)
         if isinstance(teacher_lprobs, TopKTeacher):
             options.pop("release_teacher", None)  # the cache's [B, T, k] tensors are small
             result = topk_loss_fn(student_logits, *teacher_lprobs, target, self.padding_idx,
@@ -119,7 +122,7 @@ class KDCriterion(FairseqCriterion):
         else:
             result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, teacher_normalized=True,
                              **self.kd_loss_options, **options)
-        return result, (student_logits, teacher_lprobs, target)
+        return result, (ids, target)
 
     # -- the two teacher forms ---------------------------------------------------
 
@@ -152,29 +155,32 @@ class KDCriterion(FairseqCriterion):
             "sample_size": self.sample_size(sample),
         }
 
-    def add_agreement(self, logging_output, student_logits, teacher_lprobs, target, key="kd", ids=None):
-        """Top-1 agreement counts, logged as ``{key}_agree`` over ``{key}_tokens``.
+    @staticmethod
+    def agreement_ids(student_logits, teacher_lprobs):
+        """``(student argmax, teacher argmax)`` ``[B, T]`` for the top-1 agreement, by block maxima
+        (:func:`~fairseq_kd.losses.block_max.argmax_ids`); a cached teacher's argmax is its first top-k
+        id.  Taken before the loss: a live teacher's storage is reused by the KL (``release_teacher``)."""
+        if isinstance(teacher_lprobs, TopKTeacher):
+            teacher_ids = teacher_lprobs.ids[..., 0]
+        else:
+            teacher_ids = block_max.argmax_ids(teacher_lprobs)
+        return block_max.argmax_ids(student_logits.detach()), teacher_ids
 
-        Both are tensors (summed and read by ``reduce_metrics`` as fairseq's own
-        criterions do), so logging forces no device sync; ``ids`` passes the
-        already computed ``(student, teacher)`` argmaxes instead of the logits.
-        A cached teacher's argmax is its first top-k id."""
-        if ids is None:
-            if isinstance(teacher_lprobs, TopKTeacher):
-                teacher_ids = teacher_lprobs.ids[..., 0]
-            else:
-                teacher_ids = teacher_lprobs.argmax(dim=-1)
-            ids = (student_logits.detach().argmax(dim=-1), teacher_ids)
+    def add_agreement(self, logging_output, ids, target, key="kd"):
+        """Top-1 agreement of the ``(student, teacher)`` argmaxes ``ids`` (:meth:`agreement_ids`), logged as
+        ``{key}_agree`` over ``{key}_tokens``.  Both are tensors (summed and read by ``reduce_metrics``
+        as fairseq's own criterions do), so logging forces no device sync."""
         student_ids, teacher_ids = ids
         logging_output[f"{key}_agree"] = common.agreement_from_ids(student_ids, teacher_ids, target, self.padding_idx)
         logging_output[f"{key}_tokens"] = target.ne(self.padding_idx).sum()
 
-    def kd_logging_output(self, sample, loss, nll_loss, kd_loss, student_logits, teacher_lprobs, target):
-        """:meth:`base_logging_output` plus, with a teacher (``kd_loss`` not None), ``kd_loss`` and the agreement."""
+    def kd_logging_output(self, sample, loss, nll_loss, kd_loss, ids, target):
+        """:meth:`base_logging_output` plus, with a teacher (``kd_loss`` not None), ``kd_loss`` and the
+        agreement of the argmaxes ``ids``."""
         logging_output = self.base_logging_output(sample, loss, nll_loss)
         if kd_loss is not None:
             logging_output["kd_loss"] = kd_loss.data
-            self.add_agreement(logging_output, student_logits, teacher_lprobs, target)
+            self.add_agreement(logging_output, ids, target)
         return logging_output
 
     # -- metrics ---------------------------------------------------------------

@@ -97,6 +97,8 @@ class SelectiveKDCriterion(KDCriterion):
         return None  # the selected tokens' KL is taken on the teacher's top-k + tail buckets
 
     def forward(self, model, sample, reduce=True, teacher=None):
+        # the teacher first: its logits are freed before the student's exist
+        teacher_lprobs = self.teacher_distribution(sample, teacher)
         student_logits, target = self.student_forward(model, sample)
         lprobs = losses.log_probs(student_logits)  # one log-softmax for the NLL and the difficulty
         loss, nll_loss = self.label_smoothed(lprobs, target)
@@ -109,7 +111,7 @@ class SelectiveKDCriterion(KDCriterion):
         difficulty = -lprobs.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
         history = self.push_history(difficulty[mask]) if self.global_level else None
         selected = losses.select_hard_tokens(difficulty, mask, self.cfg.selective_ratio, history)
-        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        ids = self.agreement_ids(student_logits, teacher_lprobs)  # before the KL reuses the teacher's storage
         if isinstance(teacher_lprobs, TopKTeacher):
             kd_loss = losses.topk_divergence(student_lprobs, *teacher_lprobs, selected).sum()
         else:  # the KL on the selected positions only (KL(p_t || p_s), chunked)
@@ -119,5 +121,5 @@ class SelectiveKDCriterion(KDCriterion):
             ).sum()
         loss = loss + self.alpha * self.temperature_factor * kd_loss
         logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum())
-        self.add_agreement(logging_output, student_logits, teacher_lprobs, target)
+        self.add_agreement(logging_output, ids, target)
         return loss, self.sample_size(sample), logging_output

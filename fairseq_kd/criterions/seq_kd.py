@@ -76,6 +76,8 @@ class SeqKDCriterion(KDCriterion):
         student_logits = model(**net_input)[0]
         teacher_target = sample["teacher_target"]
         teacher_lprobs = teacher(net_input) if teacher is not None and self.alpha > 0 else None
+        # before the KL reuses the teacher's storage
+        ids = None if teacher_lprobs is None else self.agreement_ids(student_logits, teacher_lprobs)
         loss, nll_loss, kd_loss = losses.word_kd_loss(
             student_logits,
             teacher_lprobs,
@@ -94,7 +96,7 @@ class SeqKDCriterion(KDCriterion):
         }
         if kd_loss is not None:
             logging_output["kd_loss"] = kd_loss.data
-            self.add_agreement(logging_output, student_logits, teacher_lprobs, teacher_target)
+            self.add_agreement(logging_output, ids, teacher_target)
         if self.gold_weight > 0:
             gold_loss, gold_nll = losses.label_smoothed_nll(
                 model(**sample["net_input"])[0], sample["target"], self.padding_idx, self.eps

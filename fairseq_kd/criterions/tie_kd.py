@@ -22,6 +22,7 @@ from fairseq_kd.cache.dataset import CachedTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, wrapped_in_torch_ddp
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.losses import next_prefix  # noqa: F401  (re-exported)
+from fairseq_kd.losses.block_max import argmax_ids
 from fairseq_kd.losses.common import agreement_from_ids
 from fairseq_kd.losses.ranking import shift_predictions
 
@@ -87,7 +88,7 @@ class TieKDCriterion(KDCriterion):
         student_logits = None
         for n in range(self.iterations):
             if n > 0:
-                predictions = student_logits.detach().argmax(dim=-1) if argmaxes is None else argmaxes[n - 1][0]
+                predictions = argmax_ids(student_logits.detach()) if argmaxes is None else argmaxes[n - 1][0]
                 prev = shift_predictions(prev, predictions, self.padding_idx, self.pad_replacement)
             if argmaxes is None:
                 student_logits = model.decoder(prev, encoder_out=encoder_out)[0]
@@ -115,7 +116,7 @@ class TieKDCriterion(KDCriterion):
             ls_loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
             kl, rank = losses.tie_kd_topk_terms(student_logits, *topk, target, self.padding_idx, topk=self.topk,
                                                 ranking=self.ranking, log_epsilon=self.log_epsilon)
-            argmaxes = [(student_logits.detach().argmax(dim=-1), topk.ids[..., 0])]
+            argmaxes = [(argmax_ids(student_logits.detach()), topk.ids[..., 0])]
             return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], argmaxes, step)
         if wrapped_in_torch_ddp(model):
             raise DistillationError(

@@ -22,6 +22,8 @@ module                 owns
                        smoothing
 ``passes``             :class:`PassBackward`: a loss summed over decoder
                        passes, backpropagated one pass at a time
+``block_max``          argmax and top-k ids over the vocabulary through block
+                       maxima (exact, several times faster than torch's)
 =====================  =======================================================
 
 Conventions (those of fairseq's criterions):
@@ -37,6 +39,7 @@ Conventions (those of fairseq's criterions):
   the distribution itself, so every function accepts either.
 """
 
+from fairseq_kd.losses.block_max import argmax_ids, topk_ids
 from fairseq_kd.losses.common import (
     _xlogy_ratio,
     label_smoothed_nll,
@@ -180,3 +183,4 @@ __all__ += [
     "self_evolution_kd_topk_loss", "student_buckets", "teacher_buckets", "tie_kd_topk_terms", "topk_agreement",
     "topk_divergence", "with_tail", "word_kd_topk_loss",
 ]
+__all__ += ["argmax_ids", "topk_ids"]

@@ -238,19 +238,51 @@ def _pair_grads(kind, log_p, log_q, log_epsilon, g, need_p, need_q):
     return grad_p, grad_q
 
 
+def _pair_rows_into_p(kind: str, log_p: Tensor, log_q: Tensor, log_epsilon: float) -> Tensor:
+    """:func:`_pair_rows` of one chunk that also turns ``log_p`` (a view, or a chunk-sized copy the
+    caller writes back) into the factor of ``log_q``'s gradient, ``-grad / g``: ``p`` for the KL,
+    ``p * q / (q + eps)`` for the floored form.  The values are :func:`_pair_rows`'s, op for op."""
+    if kind == "floored":
+        p = log_p.exp_()
+        q = log_q.exp()
+        q_eps = q + log_epsilon
+        values = (p * (torch.log(p + log_epsilon) - torch.log(q_eps))).sum(dim=-1)
+        p.mul_(q.div_(q_eps))
+        return values
+    difference = log_p - log_q
+    p = log_p.exp_()
+    return difference.mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1)
+
+
 class _PairDivergence(torch.autograd.Function):
     """Per-row ``sum_v f(log_p, log_q)`` of ``[..., V]`` inputs over their flattened ``[N, V]`` rows,
     chunk by chunk; zero outside ``mask`` (or outside the index ``rows``).  Saves only its inputs.
     The inputs are flattened here, not by the caller, so the gradients it returns are whole tensors
-    (no views): autograd can then add the other gradients of ``log_q`` into them in place."""
+    (no views): autograd can then add the other gradients of ``log_q`` into them in place.
+
+    With ``overwrite_p`` (see :func:`pair_divergence`) forward leaves in ``log_p``'s storage the
+    factor of ``log_q``'s gradient (:func:`_pair_rows_into_p`; zero outside ``rows``), so
+    backward is one multiplication by the incoming gradient in that same storage: no exponential
+    is taken again and no full-size tensor is allocated."""
 
     @staticmethod
     def forward(ctx, log_p, log_q, mask, rows, kind, log_epsilon, chunk, overwrite_p=False):
         flat_p, flat_q = _flat(log_p), _flat(log_q)
         out = log_p.new_zeros(flat_p.size(0))
         with torch.no_grad():
+            if overwrite_p and rows is not None:  # the rows that are not selected get no gradient
+                keep = torch.zeros(flat_p.size(0), dtype=torch.bool, device=flat_p.device)
+                keep[rows] = True
+                flat_p.masked_fill_(~keep.unsqueeze(-1), 0.0)
             for sel in _chunks(flat_p.size(0), chunk, rows):
-                out[sel] = _pair_rows(kind, flat_p[sel], flat_q[sel], log_epsilon)
+                if not overwrite_p:
+                    out[sel] = _pair_rows(kind, flat_p[sel], flat_q[sel], log_epsilon)
+                    continue
+                block = flat_p[sel]  # a view for slices, a chunk-sized copy for an index
+                out[sel] = _pair_rows_into_p(kind, block, flat_q[sel], log_epsilon)
+                if rows is not None:
+                    flat_p[sel] = block
+            # rows outside ``mask`` keep a finite factor (in [0, 1]) that backward multiplies by 0
         if mask is not None:
             out.masked_fill_(~mask, 0.0)
         ctx.save_for_backward(log_p, log_q, mask, rows)
@@ -262,13 +294,11 @@ class _PairDivergence(torch.autograd.Function):
         log_p, log_q, mask, rows = ctx.saved_tensors
         kind, log_epsilon, chunk, overwrite_p = ctx.options
         need_p, need_q = ctx.needs_input_grad[:2]
-        flat_p, flat_q = _flat(log_p), _flat(log_q)
         if mask is not None:
             grad_out = grad_out.masked_fill(~mask, 0.0)
-        if overwrite_p and need_q and not need_p and kind in ("kl", "floored"):
-            grad_q = _grad_q_into_p(kind, flat_p, flat_q, mask, rows, log_epsilon, chunk, grad_out)
-            grad_q = log_p if log_p.is_contiguous() else grad_q.view(log_q.shape)  # log_p's own storage
-            return None, grad_q, None, None, None, None, None, None
+        if overwrite_p:  # log_p holds the gradient's factor: scaled in place (a second backward is refused)
+            return None, log_p.mul_(grad_out.neg().view(*log_p.shape[:-1], 1)), None, None, None, None, None, None
+        flat_p, flat_q = _flat(log_p), _flat(log_q)
         grad_p = torch.zeros_like(log_p, memory_format=torch.contiguous_format) if need_p else None
         grad_q = torch.zeros_like(log_q, memory_format=torch.contiguous_format) if need_q else None
         flat_grad_p = _flat(grad_p) if need_p else None
@@ -284,26 +314,6 @@ class _PairDivergence(torch.autograd.Function):
             if need_q:
                 flat_grad_q[sel] = gq
         return grad_p, grad_q, None, None, None, None, None, None
-
-
-def _grad_q_into_p(kind, log_p, log_q, mask, rows, log_epsilon, chunk, grad_out):
-    """The gradient w.r.t. ``log_q`` built in place of ``log_p`` (``-p * g``, or
-    ``-p * q / (q + eps) * g`` for the floored form): no new ``[N, V]`` tensor."""
-    for sel in _chunks(log_p.size(0), chunk, rows):
-        block = log_p[sel]  # a view for slices, a chunk-sized copy for an index
-        grad = block.exp_().mul_(grad_out[sel].unsqueeze(-1)).neg_()
-        if kind == "floored":
-            q = log_q[sel].exp()
-            grad.mul_(q.div_(q + log_epsilon))
-        if mask is not None:
-            grad.masked_fill_(~mask[sel].unsqueeze(-1), 0.0)
-        if rows is not None:
-            log_p[sel] = grad
-    if rows is not None:
-        keep = torch.zeros(log_p.size(0), dtype=torch.bool, device=log_p.device)
-        keep[rows] = True
-        log_p.masked_fill_(~keep.unsqueeze(-1), 0.0)
-    return log_p
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -326,15 +336,20 @@ def pair_divergence(
     those of the same expression under autograd, to float32 rounding; the
     gradient is built chunk by chunk in backward, so only the inputs are kept.
 
-    ``overwrite_p`` (for a ``log_p`` without gradient that nothing reads after
-    backward: the live teacher's log-probabilities) builds the gradient w.r.t.
-    ``log_q`` in ``log_p``'s own storage, so backward allocates no
-    full-size tensor at all; ``log_p`` then holds that gradient, and a second
-    backward through the graph raises torch's in-place modification error.
+    ``overwrite_p`` (for a ``log_p`` without gradient that nothing reads after this
+    call: the live teacher's log-probabilities) lets forward replace ``log_p`` by the
+    factor of ``log_q``'s gradient and backward scale it in place, so the gradient
+    costs one multiplication and no full-size allocation.  It takes effect only when
+    a backward can follow (grad mode on, ``log_q`` requiring a gradient, ``log_p``
+    not, ``log_p`` contiguous, the ``kl`` or ``floored`` kind); ``log_p`` then holds
+    that factor from the return of this call on (read the teacher before it), and a
+    second backward through the graph raises torch's in-place modification error.
     """
     if kind not in ("kl", "kl_finite", "floored"):
         raise ValueError(f"unknown pair divergence {kind!r}")
     flat_mask = mask.reshape(-1)
+    overwrite_p = (overwrite_p and kind in ("kl", "floored") and torch.is_grad_enabled() and log_q.requires_grad
+                   and not log_p.requires_grad and log_p.is_contiguous())
     out = _PairDivergence.apply(
         log_p, log_q, None if rows is not None else flat_mask, rows, kind, log_epsilon,
         chunk_rows(log_p.size(-1)), overwrite_p,

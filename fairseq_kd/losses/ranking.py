@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fairseq_kd.losses.block_max import argmax_ids, topk_ids
 from fairseq_kd.losses.common import log_probs, nll_from_log_probs, non_pad_mask, pair_divergence, teacher_log_probs
 from fairseq_kd.losses.divergences import kl_from_log_probs
 
@@ -104,16 +105,16 @@ def hierarchical_ranking_from_probs(student_probs: Tensor, teacher_probs: Tensor
 def hierarchical_ranking_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, topk: int) -> Tensor:
     """:func:`hierarchical_ranking_from_probs` of ``exp(student_lprobs)`` and
     ``exp(teacher_lprobs)``: the top-k of the log-probabilities are those of the
-    probabilities, and only the gathered ``[B, T, k]`` values are exponentiated."""
+    probabilities (found by :func:`~fairseq_kd.losses.block_max.topk_ids`), and only
+    the gathered ``[B, T, k]`` values are exponentiated."""
     vocab = student_lprobs.size(-1)
     if not 1 <= topk <= vocab:
         raise ValueError(f"topk must be in [1, {vocab}] (the vocabulary size), got {topk}")
-    teacher_top, teacher_ids = teacher_lprobs.topk(topk, dim=-1)
-    student_top, student_ids = student_lprobs.topk(topk, dim=-1)
-    return _ranking_terms(
-        teacher_top.exp(), student_top.exp(),
-        student_lprobs.gather(-1, teacher_ids).exp(), teacher_lprobs.gather(-1, student_ids).exp(),
-    )
+    ids = torch.cat([topk_ids(teacher_lprobs, topk), topk_ids(student_lprobs, topk)], dim=-1)  # t_i, s_j
+    # one gather per side: the student's backward scatters into a single full-size gradient
+    teacher_top, teacher_at_student = teacher_lprobs.gather(-1, ids).exp().split(topk, dim=-1)
+    student_at_teacher, student_top = student_lprobs.gather(-1, ids).exp().split(topk, dim=-1)
+    return _ranking_terms(teacher_top, student_top, student_at_teacher, teacher_at_student)
 
 
 def _ranking_terms(teacher_top, student_top, student_at_teacher, teacher_at_student) -> Tensor:
@@ -194,9 +195,10 @@ def tie_kd_iteration(
     ls_loss = nll_loss = None
     if epsilon is not None:
         ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
+    ids = (argmax_ids(student_logits.detach()), argmax_ids(teacher_lprobs))  # before the KL reuses the teacher
     kl, rank = tie_kd_terms(student_logits, teacher_lprobs, target, padding_idx, student_lprobs=student_lprobs,
                             teacher_normalized=True, release_teacher=True, **options)
-    return kl, rank, ls_loss, nll_loss, (student_logits.detach().argmax(dim=-1), teacher_lprobs.argmax(dim=-1))
+    return kl, rank, ls_loss, nll_loss, ids
 
 
 def tie_kd_loss(
@@ -240,7 +242,7 @@ def next_prefix(
     Predicted ``padding_idx`` ids become ``pad_replacement`` unless it is None.
     Returns a new tensor; ``prev_output_tokens`` is left untouched.
     """
-    return shift_predictions(prev_output_tokens, student_logits.detach().argmax(dim=-1), padding_idx, pad_replacement)
+    return shift_predictions(prev_output_tokens, argmax_ids(student_logits.detach()), padding_idx, pad_replacement)
 
 
 def shift_predictions(

@@ -38,6 +38,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fairseq_kd.losses.block_max import argmax_ids
 from fairseq_kd.losses.common import log_probs, nll_from_log_probs, non_pad_mask
 from fairseq_kd.losses.divergences import divergence_from_log_probs, kl_from_log_probs
 from fairseq_kd.losses.ranking import floored_kl_from_probs
@@ -107,7 +108,7 @@ def topk_divergence(
 
 def topk_agreement(student_logits: Tensor, ids: Tensor, target: Tensor, padding_idx: int) -> Tensor:
     """Number of non-pad positions where the student's argmax is the teacher's (``ids[..., 0]``)."""
-    same = student_logits.argmax(dim=-1).eq(ids[..., 0])
+    same = argmax_ids(student_logits).eq(ids[..., 0])
     return (same & non_pad_mask(target, padding_idx)).sum()
 
 

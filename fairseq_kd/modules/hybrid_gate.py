@@ -49,7 +49,7 @@ from fairseq.logging import metrics
 from torch import Tensor, nn
 
 from fairseq_kd import losses
-from fairseq_kd.losses import common
+from fairseq_kd.losses import block_max, common
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right
 
@@ -198,7 +198,7 @@ def token_level(
     teacher, teacher_encoder_out, prefix: Tensor, student_logits: Tensor, target: Tensor, pad: int,
     temperature: float, teacher_lprobs: Optional[Tensor] = None, student_lprobs: Optional[Tensor] = None,
 ):
-    """``(KL(p_t^tau || p_s^tau) per position [B, T], its mask, the teacher's log-probs)`` on
+    """``(KL(p_t^tau || p_s^tau) per position [B, T], its mask, the teacher's argmax [B, T])`` on
     ``prefix``; the teacher is decoded unless ``teacher_lprobs`` are given, the student's
     tempered log-probs are computed unless ``student_lprobs`` are given.  The teacher's
     log-probabilities are normalised already: they are softened only at ``tau != 1``."""
@@ -208,11 +208,11 @@ def token_level(
     if student_lprobs is None:
         student_lprobs = losses.log_probs(student_logits, temperature)
     if isinstance(teacher_lprobs, tuple):  # a cached (ids, lprobs) top-k: the KL on its k + tail buckets
-        return losses.topk_divergence(student_lprobs, *teacher_lprobs, mask), mask, teacher_lprobs
+        return losses.topk_divergence(student_lprobs, *teacher_lprobs, mask), mask, teacher_lprobs[0][..., 0]
     teacher_soft = common.teacher_log_probs(teacher_lprobs, temperature, True)
-    # backward builds the student's gradient in the teacher's storage: read it before backward only
+    teacher_ids = block_max.argmax_ids(teacher_lprobs)  # the KL leaves its gradient in the teacher's storage
     kl = losses.kl_from_log_probs(student_lprobs, teacher_soft, mask, release_teacher=True)
-    return kl, mask, teacher_lprobs
+    return kl, mask, teacher_ids
 
 
 def token_terms(teacher, teacher_encoder_out, prefix, student_logits, target, pad, temperature, temperature_factor,
@@ -220,12 +220,10 @@ def token_terms(teacher, teacher_encoder_out, prefix, student_logits, target, pa
     """``(L_tok per position [B, T], its mask, logging values)``: :func:`token_level` scaled by
     ``temperature_factor``, with ``tok_loss``, ``tok_tokens`` and the top-1 agreement
     (``kd_agree``, ``kd_tokens``: tensors, no device sync)."""
-    kl, mask, teacher_lprobs = token_level(
+    kl, mask, teacher_ids = token_level(
         teacher, teacher_encoder_out, prefix, student_logits, target, pad, temperature, teacher_lprobs, student_lprobs,
     )
-    # a cached top-k teacher's argmax is its first id
-    teacher_ids = teacher_lprobs[0][..., 0] if isinstance(teacher_lprobs, tuple) else teacher_lprobs.argmax(-1)
-    agree = common.agreement_from_ids(student_logits.detach().argmax(-1), teacher_ids, target, pad)
+    agree = common.agreement_from_ids(block_max.argmax_ids(student_logits.detach()), teacher_ids, target, pad)
     tokens = mask.sum()
     log = dict(tok_loss=kl.sum().data, tok_tokens=tokens, kd_agree=agree, kd_tokens=tokens)
     return kl * temperature_factor, mask, log

@@ -15,6 +15,7 @@ import torch
 from fairseq.models import FairseqIncrementalDecoder
 from torch import Tensor
 
+from fairseq_kd.losses.block_max import argmax_ids
 from fairseq_kd.losses.common import log_mean_exp
 
 
@@ -104,7 +105,7 @@ def greedy_teacher_translation(
         scores[:, pad] = -math.inf
         if step == 0:
             scores[:, eos] = -math.inf
-        chosen = torch.where(budget.le(step), forced_eos, scores.argmax(dim=-1))
+        chosen = torch.where(budget.le(step), forced_eos, argmax_ids(scores))
         tokens[:, step + 1] = chosen.masked_fill(finished, pad)
         finished |= tokens[:, step + 1].eq(eos)
         if bool(finished.all()):
