@@ -3,7 +3,9 @@
 
 One process times, on the same real batches of Multi30k en-de (``--data-root``,
 default ``../shared/data`` next to the checkout), at two vocabulary sizes
-(about 8k SentencePiece pieces, and 32k), fairseq training steps -- the
+(8,000 SentencePiece pieces learnt from all 29,000 training pairs, and the same
+dictionary padded with unused symbols to 32,000 entries, with a copy of the
+teacher whose rows for them are zero), fairseq training steps -- the
 task's ``train_step`` (forward + backward), gradient scaling, clipping, the
 optimizer step and the criterion's ``reduce_metrics``, as
 ``Trainer.train_step`` runs them -- for ``label_smoothed_cross_entropy``
@@ -13,7 +15,8 @@ top-k teacher cache exists in the tree (``fairseq_kd.cache``) with the cache
 TIE-KD and the gated hybrid need (their floors).  Timings are CPU seconds of
 the process (one intra-op thread by default), medians over repetitions that
 interleave the criterions.  Peak memory is measured per criterion in a fresh
-child process: on the CPU the resident high-water mark of the training steps
+child process (forked by a fork server that has imported torch and fairseq and
+nothing else): on the CPU the resident high-water mark of two training steps
 above the resident size after construction (the kernel's VmHWM, reset after
 construction; large allocations are returned to the system on free), on a
 GPU ``torch.cuda.max_memory_allocated`` above the allocation after
@@ -33,9 +36,11 @@ Usage::
 It prints a table of ratios to ``label_smoothed_cross_entropy``, the floors
 of ``tie_kd`` and ``hybrid_gated_kd``, and by how much each target is
 missed; ``--json PATH`` writes the ratios (format in :func:`summary_json`).
-Models are randomly initialised for the step timings (the cost of a step does
-not depend on the weights); the decoding teacher is trained briefly
-(``--teacher-updates``) so that its translations have realistic lengths.
+Students are randomly initialised for the step timings (the cost of a step
+does not depend on the weights); the teacher is trained briefly
+(``--teacher-updates``, every core, not timed) so that its translations -- the
+hybrid's online greedy targets and the decoders' output -- have realistic
+lengths.
 """
 
 import argparse
@@ -158,8 +163,8 @@ def pad_vocab(base, work, nominal):
 
 def pad_teacher(base_path, info, save_dir):
     """``base_path``'s teacher with zero rows appended to its embeddings and output layer for the padding
-    symbols of ``info`` (logit 0: never chosen over the trained tokens, so it translates as the base
-    teacher does), its data directory set to ``info``'s; read by the safe loader, written atomically."""
+    symbols of ``info`` (logit 0: its greedy translations are the base teacher's wherever its best token
+    scores above 0), its data directory set to ``info``'s; read by the safe loader, written atomically."""
     import torch
     from omegaconf import OmegaConf
 
@@ -518,6 +523,8 @@ def memory_child(spec):
 
 
 def _memory_job(spec, conn):
+    warnings.filterwarnings("ignore")  # a new interpreter: hydra's and torch's notices once per child
+    quiet_logging()
     try:
         import ctypes
 
