@@ -132,6 +132,25 @@ def run(cmd, threads, **kwargs):
 # ---- data: one binarized Multi30k per vocabulary size ----------------------------------------------------------------
 
 
+def finished_info(out):
+    """The info of the data folder ``out`` finished by an earlier run, or None after emptying it."""
+    info_path = os.path.join(out, "info.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            return json.load(f)
+    shutil.rmtree(out, ignore_errors=True)
+    return None
+
+
+def write_info(out, info):
+    """``out``'s info.json, written last (under a temporary name, then renamed): it marks the folder finished."""
+    info_path = os.path.join(out, "info.json")
+    with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f)
+    os.replace(info_path + ".tmp", info_path)
+    return info
+
+
 def pad_vocab(base, work, nominal):
     """The data of ``base`` (:func:`prepare_vocab`) with its dictionary padded by unused symbols up to
     ``nominal`` entries: the same text and token ids, an output layer and ``[tokens, V]`` tensors of a
@@ -139,11 +158,9 @@ def pad_vocab(base, work, nominal):
     from fairseq.data import Dictionary
 
     out = os.path.join(work, f"v{nominal}")
-    info_path = os.path.join(out, "info.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            return json.load(f)
-    shutil.rmtree(out, ignore_errors=True)
+    info = finished_info(out)
+    if info is not None:
+        return info
     bin_dir = os.path.join(out, "bin")
     shutil.copytree(base["bin"], bin_dir)
     d = Dictionary.load(os.path.join(bin_dir, f"dict.{SRC}.txt"))
@@ -153,12 +170,9 @@ def pad_vocab(base, work, nominal):
         padding += 1
     for lang in (SRC, TGT):
         d.save(os.path.join(bin_dir, f"dict.{lang}.txt"))
-    info = dict(base, nominal=nominal, vocab=len(d), padding_symbols=base["padding_symbols"] + padding,
-                bin=bin_dir, padded_from=base["nominal"])
-    with open(info_path + ".tmp", "w") as f:
-        json.dump(info, f)
-    os.replace(info_path + ".tmp", info_path)
-    return info
+    padding += base["padding_symbols"]
+    return write_info(out, dict(base, nominal=nominal, vocab=len(d), padding_symbols=padding, bin=bin_dir,
+                                padded_from=base["nominal"]))
 
 
 def pad_teacher(base_path, info, save_dir):
@@ -206,11 +220,9 @@ def prepare_vocab(data_root, work, nominal, limits, threads, train_pairs=None):
 
     out = os.path.join(work, f"v{nominal}")
     bin_dir = os.path.join(out, "bin")
-    info_path = os.path.join(out, "info.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            return json.load(f)
-    shutil.rmtree(out, ignore_errors=True)
+    info = finished_info(out)
+    if info is not None:
+        return info
     raw = os.path.join(out, "raw")
     slice_corpus(locate_corpus(CORPUS, data_root), raw, (SRC, TGT), limits)
     prefix = os.path.join(out, "spm")
@@ -256,12 +268,9 @@ def prepare_vocab(data_root, work, nominal, limits, threads, train_pairs=None):
     for ext in ("bin", "idx"):
         shutil.copy(os.path.join(bin_dir, f"train.{SRC}-{TGT}.{TGT}.{ext}"),
                     os.path.join(bin_dir, f"{TEACHER_TARGET_SUBSET}.{SRC}-{TGT}.{TGT}.{ext}"))
-    info = {"nominal": nominal, "vocab": len(d), "sentencepiece_pieces": pieces, "padding_symbols": padding,
-            "bin": bin_dir, "raw": raw, "train_pairs_binarized": train_pairs}
-    with open(info_path + ".tmp", "w") as f:
-        json.dump(info, f)
-    os.replace(info_path + ".tmp", info_path)
-    return info
+    return write_info(out, {"nominal": nominal, "vocab": len(d), "sentencepiece_pieces": pieces,
+                            "padding_symbols": padding, "bin": bin_dir, "raw": raw,
+                            "train_pairs_binarized": train_pairs})
 
 
 def arch_args(arch):

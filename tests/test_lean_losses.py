@@ -305,14 +305,15 @@ def test_gradient_in_the_teachers_storage_equals_the_allocated_one(kind, eps, us
 # -- TIE-KD, Self-Evolution KD, Selective KD pieces ------------------------------------------
 
 
-def test_ranking_from_log_probs_equals_ranking_from_probs():
-    student, teacher, _ = batch(v=13)
+@pytest.mark.parametrize("v, k", [(13, 4), (1024, 5)])  # 1024: top-k through block maxima (block_max.py)
+def test_ranking_from_log_probs_equals_ranking_from_probs(v, k):
+    student, teacher, _ = batch(v=v)
     s = F.log_softmax(student, -1).requires_grad_(True)
     t = F.log_softmax(teacher, -1)
-    lean_rank = losses.ranking.hierarchical_ranking_from_log_probs(s, t, 4)
+    lean_rank = losses.ranking.hierarchical_ranking_from_log_probs(s, t, k)
     lean_rank.sum().backward()
     s2 = s.detach().clone().requires_grad_(True)
-    ref = losses.hierarchical_ranking_from_probs(s2.exp(), t.exp(), 4)
+    ref = losses.hierarchical_ranking_from_probs(s2.exp(), t.exp(), k)
     ref.sum().backward()
     torch.testing.assert_close(lean_rank, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s.grad, s2.grad, rtol=1e-12, atol=1e-12)
