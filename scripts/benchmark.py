@@ -252,11 +252,11 @@ def prepare_vocab(data_root, work, nominal, limits, threads, train_pairs=None):
     if train_pairs:
         for lang in (SRC, TGT):
             with open(f"{trainpref}.{lang}", encoding="utf-8") as f, \
-                    open(f"{trainpref}_bin.{lang}", "w", encoding="utf-8") as out:
+                    open(f"{trainpref}_bin.{lang}", "w", encoding="utf-8") as head:
                 for i, line in enumerate(f):
                     if i == train_pairs:
                         break
-                    out.write(line)
+                    head.write(line)
         trainpref += "_bin"
     preprocess.main(options.get_preprocessing_parser().parse_args([
         "--source-lang", SRC, "--target-lang", TGT,
