@@ -70,8 +70,8 @@ def _decode(decoder, prev_output_tokens: Tensor, encoder_out):
     rounding).  Other decoders are called as they are."""
     from fairseq.models.transformer import TransformerDecoderBase
 
-    if isinstance(decoder, TransformerDecoderBase):
-        features, extra = decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
+    if isinstance(decoder, TransformerDecoderBase):  # called as a module (its hooks run), features only
+        features, extra = decoder(prev_output_tokens, encoder_out=encoder_out, features_only=True)
         return decoder.output_layer(features.contiguous()), extra
     return decoder(prev_output_tokens, encoder_out=encoder_out)
 
