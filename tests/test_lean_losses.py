@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_kd import losses
-from fairseq_kd.losses import common
+from fairseq_kd.losses import chunked, common
 from tests import spec_vectors as sv
 
 PAD = 1
@@ -30,7 +30,7 @@ def tiny_chunks(monkeypatch):
     """Chunks of one or two positions (the default holds whole test batches in one chunk)."""
 
     def set_rows(rows, vocab):
-        monkeypatch.setattr(common, "CHUNK_ELEMENTS", rows * vocab)
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", rows * vocab)
 
     return set_rows
 
@@ -421,15 +421,15 @@ def test_criterions_chunked_equal_unchunked(name, monkeypatch):
         "selective_kd": lambda: SelectiveKDCriterion(task, SelectiveKDConfig(sentence_avg=False)),
     }[name]
     vocab = len(task.target_dictionary)
-    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 10**9)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 10**9)
     whole = _criterion_run(make(), model, sample, teacher)
-    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 3 * vocab)
-    chunked = _criterion_run(make(), model, sample, teacher)
-    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
-    assert chunked[1].keys() == whole[1].keys() and whole[1]
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 3 * vocab)
+    in_chunks = _criterion_run(make(), model, sample, teacher)
+    torch.testing.assert_close(in_chunks[0], whole[0], rtol=1e-6, atol=1e-6)
+    assert in_chunks[1].keys() == whole[1].keys() and whole[1]
     for key in whole[1]:
-        torch.testing.assert_close(chunked[1][key], whole[1][key], rtol=1e-5, atol=1e-7)
-    assert torch.equal(chunked[2]["kd_agree"], whole[2]["kd_agree"])
+        torch.testing.assert_close(in_chunks[1][key], whole[1][key], rtol=1e-5, atol=1e-7)
+    assert torch.equal(in_chunks[2]["kd_agree"], whole[2]["kd_agree"])
 
 
 @pytest.mark.parametrize("lam_mode", [("const", 0.4), ("linear", 0.5)])

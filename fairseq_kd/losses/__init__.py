@@ -10,6 +10,8 @@ module                 owns
 =====================  =======================================================
 ``common``             softmaxes, pad mask, label-smoothed NLL (summed, per
                        position, its floor), ``log_mean_exp``, top-1 agreement
+``chunked``            the chunked per-position reductions every divergence
+                       is computed with (``pair_divergence``, ``chunked_rows``)
 ``divergences``        KL, reverse KL, skew KL / skew reverse KL
                        (:data:`DIVERGENCES`), Word-KD's :func:`word_kd_loss`
 ``ranking``            TIE-KD: floored KL, hierarchical ranking loss, the

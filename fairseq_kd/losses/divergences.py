@@ -6,8 +6,8 @@ The forward KL ``KL(p_t || p_s)`` (Word-KD, mode-covering), the reverse KL
 LS-NLL + divergence combination of ``word_kd`` and ``seq_kd``.
 
 Every divergence is computed in chunks of target positions
-(:func:`~fairseq_kd.losses.common.pair_divergence`,
-:func:`~fairseq_kd.losses.common.chunked_rows`): beyond the student's
+(:func:`~fairseq_kd.losses.chunked.pair_divergence`,
+:func:`~fairseq_kd.losses.chunked.chunked_rows`): beyond the student's
 log-softmax (shared with the NLL) and the teacher's log-probabilities, no
 ``[B, T, V]`` tensor is held, in forward or backward, except the gradient.
 """

@@ -3,7 +3,7 @@
 hierarchical ranking loss, one iteration's terms, their combination over the
 iterations and the next iteration's decoder input.
 
-Memory: the KLs are chunked (:func:`~fairseq_kd.losses.common.pair_divergence`;
+Memory: the KLs are chunked (:func:`~fairseq_kd.losses.chunked.pair_divergence`;
 the floored form needs no ``p + 1e-6`` tensor of either side, its chunks build
 them), and the ranking reads the top-k of the log-probabilities and
 exponentiates the ``[B, T, k]`` values it gathers, so one pass holds no

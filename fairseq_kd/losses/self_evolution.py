@@ -11,7 +11,7 @@ the resulting proxy (:func:`sekd_divergence`); :func:`self_evolution_kd` and
 Memory: the difficulty is computed from the per-position ``KL(p_t || p_s)``
 and the gold entries alone (:func:`sekd_difficulty`, no prior tensor), and
 the prior and the proxy are built chunk by chunk on the positions whose
-mixing ratio is non-zero only (:func:`~fairseq_kd.losses.common.chunked_rows`);
+mixing ratio is non-zero only (:func:`~fairseq_kd.losses.chunked.chunked_rows`);
 every other position gets the plain divergence.
 """
 
