@@ -396,13 +396,13 @@ def test_reduce_metrics_logs_gate_spread_and_both_levels():
     with metrics.aggregate() as agg:
         HybridGatedKDCriterion.reduce_metrics(logs)
     values = agg.get_smoothed_values()
-    assert values["gate_mean"] == pytest.approx(gates.mean().item(), abs=1e-4)
-    assert values["gate_std"] == pytest.approx(gates.std(unbiased=False).item(), abs=1e-4)
+    assert float(values["gate_mean"]) == pytest.approx(gates.mean().item(), abs=1e-4)
+    assert float(values["gate_std"]) == pytest.approx(gates.std(unbiased=False).item(), abs=1e-4)
     assert values["gate_std"] > 0.01
-    tok = sum(float(log["tok_loss"]) for log in logs) / sum(log["tok_tokens"] for log in logs)
-    sent = sum(float(log["sent_loss"]) for log in logs) / sum(log["sent_tokens"] for log in logs)
-    assert values["tok_loss"] == pytest.approx(tok, abs=1e-4)
-    assert values["sent_loss"] == pytest.approx(sent, abs=1e-4)
+    tok = sum(float(log["tok_loss"]) for log in logs) / sum(float(log["tok_tokens"]) for log in logs)
+    sent = sum(float(log["sent_loss"]) for log in logs) / sum(float(log["sent_tokens"]) for log in logs)
+    assert float(values["tok_loss"]) == pytest.approx(tok, abs=1e-4)
+    assert float(values["sent_loss"]) == pytest.approx(sent, abs=1e-4)
     assert {"loss", "nll_loss", "ppl", "kd_top1_agree", "gate_obj", "sent_nll", "sent_len_ratio"} <= set(values)
     assert HybridGatedKDCriterion.logging_outputs_can_be_summed()
 

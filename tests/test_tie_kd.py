@@ -322,11 +322,11 @@ def test_metrics(setting):
         TieKDCriterion.reduce_metrics(logs)
     values = agg.get_smoothed_values()
     ntokens = 2 * sample["ntokens"]
-    assert values["rank_loss"] == pytest.approx(2 * logs[0]["rank_loss"].item() / ntokens, abs=1e-4)
-    assert values["kd_loss"] == pytest.approx(2 * logs[0]["kd_loss"].item() / ntokens, abs=1e-4)
+    assert float(values["rank_loss"]) == pytest.approx(2 * logs[0]["rank_loss"].item() / ntokens, abs=1e-4)
+    assert float(values["kd_loss"]) == pytest.approx(2 * logs[0]["kd_loss"].item() / ntokens, abs=1e-4)
     for n in (1, 2, 3):
-        expected = logs[0][f"kd_agree_iter{n}"] / sample["ntokens"]
-        assert values[f"kd_top1_agree_iter{n}"] == pytest.approx(expected, abs=1e-4)
+        expected = float(logs[0][f"kd_agree_iter{n}"]) / sample["ntokens"]
+        assert float(values[f"kd_top1_agree_iter{n}"]) == pytest.approx(expected, abs=1e-4)
     assert values["kd_top1_agree"] == values["kd_top1_agree_iter1"]
 
 
