@@ -10,8 +10,10 @@ writes ``OUT/raw`` (the sliced plain text, the references for scoring),
 and ``OUT/bin`` (``fairseq-preprocess --joined-dictionary`` output).  A corpus
 without a test split (e.g. ``opennmt_toy_en_de``) can hold out the end of its
 valid split as the test set with ``--test-from-valid N``.  Each
-stage is skipped when its output exists; every output is written under a
-temporary name and renamed when complete.
+stage is skipped when its outputs exist and were made from the same corpus
+content and settings (:mod:`fairseq_kd.stamps`); otherwise its old outputs are
+removed and it runs again, as do the stages after it.  Every output is written
+under a temporary name and renamed when complete.
 
 Input text must be UTF-8 (an invalid byte stops with the file and line; a
 byte-order mark is dropped, a carriage return inside a line becomes a space).
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from fairseq_kd.corpora import locate_corpus, split_path
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.stamps import Stamps
 from fairseq_kd.textio import count_lines, read_text_lines as read_lines, unique_tmp, write_lines_atomic
 
 SPLITS = ("train", "valid", "test")
@@ -75,8 +78,6 @@ def slice_corpus(corpus_dir: str, raw_dir: str, langs, limits, test_from_valid: 
 
 
 def train_sentencepiece(raw_dir: str, model_prefix: str, langs, vocab_size: int, seed_sentences: int) -> None:
-    if os.path.exists(model_prefix + ".model"):
-        return
     import sentencepiece as spm
 
     inputs = [os.path.join(raw_dir, f"train.{lang}") for lang in langs]
@@ -152,8 +153,6 @@ def encode(model_file: str, raw_dir: str, spm_dir: str, langs, max_tokens: int =
 
 
 def binarize(spm_dir: str, bin_dir: str, src: str, tgt: str, workers: int) -> None:
-    if os.path.exists(os.path.join(bin_dir, "preprocess.log")):
-        return
     tmp = bin_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [
@@ -190,14 +189,36 @@ def prepare(
     ``valid_lines``/``test_lines`` then slice those two parts.
     """
     corpus_dir = locate_corpus(corpus, data_root)
-    raw_dir = os.path.join(out, "raw")
-    limits = {"train": train_lines, "valid": valid_lines, "test": test_lines}
-    slice_corpus(corpus_dir, raw_dir, (src, tgt), limits, test_from_valid)
+    langs = (src, tgt)
+    raw_dir, spm_dir, bin_dir = (os.path.join(out, name) for name in ("raw", "spm_text", "bin"))
     model_prefix = os.path.join(out, "spm")
-    train_sentencepiece(raw_dir, model_prefix, (src, tgt), vocab_size, seed_sentences=200000)
-    encode(model_prefix + ".model", raw_dir, os.path.join(out, "spm_text"), (src, tgt), max_tokens_per_line)
-    bin_dir = os.path.join(out, "bin")
-    binarize(os.path.join(out, "spm_text"), bin_dir, src, tgt, workers)
+    limits = {"train": train_lines, "valid": valid_lines, "test": test_lines}
+    corpus_files = [split_path(corpus_dir, "valid" if test_from_valid and split != "train" else split, lang)
+                    for split in SPLITS for lang in langs]
+    stamps = Stamps(out)
+    # each step: skipped when its outputs exist and were made from the same inputs and settings, else its
+    # old outputs are removed first and it runs again (and so does every step after it)
+    steps = [
+        ("slice", [raw_dir], {"langs": langs, "limits": limits, "test_from_valid": test_from_valid,
+                              "max_tokens_per_line": max_tokens_per_line}, corpus_files,
+         lambda: slice_corpus(corpus_dir, raw_dir, langs, limits, test_from_valid)),
+        ("sentencepiece", [model_prefix + ".model", model_prefix + ".vocab"], {"vocab_size": vocab_size}, [],
+         lambda: train_sentencepiece(raw_dir, model_prefix, langs, vocab_size, seed_sentences=200000)),
+        ("encode", [spm_dir], {"max_tokens_per_line": max_tokens_per_line}, [],
+         lambda: encode(model_prefix + ".model", raw_dir, spm_dir, langs, max_tokens_per_line)),
+        ("binarize", [bin_dir], {"src": src, "tgt": tgt}, [],
+         lambda: binarize(spm_dir, bin_dir, src, tgt, workers)),
+    ]
+    upstream = None
+    for step, outputs, settings, inputs, run in steps:
+        upstream = stamps.make(step, settings, inputs, upstream)
+        if stamps.current(step, upstream, outputs):
+            continue
+        if any(os.path.lexists(p) for p in outputs):
+            logger.info("%s: its inputs or settings changed; removing %s and redoing it", step, ", ".join(outputs))
+        stamps.invalidate(step, outputs)
+        run()
+        stamps.record(step, upstream)
     return bin_dir
 
 
