@@ -32,8 +32,8 @@ logger = logging.getLogger("fairseq_kd.unlabeled")
 
 
 def link_data_dir(data: str, dest: str) -> int:
-    """Symlink every file of ``data`` into ``dest`` (existing entries are kept);
-    returns the number of links made."""
+    """Symlink every file of ``data`` into ``dest``; returns the number of links made.  A link left by an
+    earlier run that points elsewhere (another data folder) is replaced; a regular file is kept."""
     os.makedirs(dest, exist_ok=True)
     if os.path.realpath(data) == os.path.realpath(dest):
         return 0
@@ -41,7 +41,11 @@ def link_data_dir(data: str, dest: str) -> int:
     for name in sorted(os.listdir(data)):
         source = os.path.abspath(os.path.join(data, name))
         target = os.path.join(dest, name)
-        if os.path.isfile(source) and not os.path.lexists(target):
+        if not os.path.isfile(source):
+            continue
+        if os.path.islink(target) and os.path.realpath(target) != os.path.realpath(source):
+            os.remove(target)
+        if not os.path.lexists(target):
             os.symlink(source, target)
             made += 1
     return made

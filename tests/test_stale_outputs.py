@@ -110,3 +110,17 @@ def test_a_removed_output_is_made_again(tmp_path, missing):
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     bin_dir = prepare("toy", str(tmp_path), "en", "de", str(out), vocab_size=250)
     assert target.exists() and train_sentences(bin_dir) == 300
+
+
+def test_unlabeled_links_to_another_data_folder_are_replaced(tmp_path):
+    from fairseq_kd.unlabeled import link_data_dir
+
+    old, new, dest = tmp_path / "old", tmp_path / "new", tmp_path / "dest"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "dict.en.txt").write_text(text + " 1\n", encoding="utf-8")
+    link_data_dir(str(old), str(dest))
+    (dest / "own.txt").write_text("mine\n", encoding="utf-8")
+    assert link_data_dir(str(new), str(dest)) == 1
+    assert (dest / "dict.en.txt").read_text(encoding="utf-8") == "new 1\n"
+    assert (dest / "own.txt").read_text(encoding="utf-8") == "mine\n"
