@@ -7,6 +7,7 @@ output goes to a temporary name renamed when complete: a finished file is a fini
 interrupted one is redone.  Progress (lines and lines/s) is shown by tqdm.  See docs/data_preparation.md.
 """
 
+import itertools
 import multiprocessing
 import os
 from collections import deque
@@ -39,27 +40,39 @@ def chunked(lines: Iterable[str], size: int) -> Iterator[List[str]]:
         yield chunk
 
 
-def _context():
-    # fork: the workers inherit the imported modules (no re-import of torch/fairseq per worker)
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
 def ordered_map(factory: Callable, args: Sequence, chunks: Iterable[List[str]], workers: int) -> Iterator[Any]:
-    """``factory(*args)(chunk)`` for every chunk, in order; ``workers`` processes (in-process when 1)."""
+    """``factory(*args)(chunk)`` for every chunk, in order; ``workers`` processes (in-process when 1).
+
+    Where processes fork, the function is built here and run on the first line (its result dropped), and
+    the workers inherit it warm (compiled patterns, loaded codes) instead of each building its own."""
+    chunks = iter(chunks)
     if workers <= 1:
         fn = factory(*args)
         for chunk in chunks:
             yield fn(chunk)
         return
-    with _context().Pool(workers, initializer=_init, initargs=(factory, tuple(args))) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_run, (chunk,)))
-            if len(pending) >= 2 * workers:
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    if fork:
+        first = next(chunks, None)
+        if first is None:
+            return
+        _WORKER["fn"] = factory(*args)
+        _WORKER["fn"](first[:1])
+        chunks = itertools.chain([first], chunks)
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init, initargs=(factory, tuple(args)))
+    try:
+        with pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_run, (chunk,)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
                 yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    finally:
+        _WORKER.pop("fn", None)
 
 
 def map_file(factory: Callable, args: Sequence, src: str, dest: str, workers: int = 1, desc: Optional[str] = None,
