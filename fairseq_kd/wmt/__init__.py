@@ -48,6 +48,8 @@ pair is made of, :data:`PAIRS`), :mod:`fairseq_kd.download` (download and
 sha256 verification, shared with :mod:`fairseq_kd.corpora`),
 :mod:`~fairseq_kd.wmt.extract` (archive members),
 :mod:`~fairseq_kd.wmt.clean` (cleaning into ``train.*``),
+:mod:`~fairseq_kd.wmt.rules` (the line-level rules of fairseq's and the WMT'16 scripts, used by
+:mod:`fairseq_kd.prepare_bpe`),
 :mod:`~fairseq_kd.wmt.testsets` (sacrebleu valid/test sets),
 :mod:`~fairseq_kd.wmt.build` (:func:`prepare`, ``README.md``) and
 :mod:`~fairseq_kd.wmt.cli` (:func:`main`).
