@@ -117,15 +117,6 @@ def learn_codes(texts: Sequence[str], merges: int, dest: str, workers: int = 1) 
     os.replace(tmp, dest)
 
 
-def apply_codes(codes: str, lines: Sequence[str], desc: str = "") -> List[str]:
-    return bpe_chunks(codes)(list(lines))
-
-
-def keep_pair(src: str, tgt: str, max_tokens: int = MAX_TOKENS, ratio: float = MAX_RATIO) -> bool:
-    """clean-corpus-n.perl on one BPE'd pair (:func:`fairseq_kd.wmt.rules.clean_corpus_n`)."""
-    return next(rules.clean_corpus_n([(src, tgt)], 1, max_tokens, ratio)) is not None
-
-
 def filter_pairs(bpe: Tuple[str, str], raw: Tuple[str, str], out_bpe: Tuple[str, str], out_raw: Tuple[str, str],
                  max_tokens: int = MAX_TOKENS, ratio: float = MAX_RATIO) -> Tuple[int, int]:
     """clean-corpus-n over the BPE'd pair files ``bpe``, streamed; the kept pairs (squeezed as the script
