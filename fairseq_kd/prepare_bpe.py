@@ -3,25 +3,34 @@
 ::
 
     python -m fairseq_kd.prepare_bpe --corpus wmt14_en_de --data-root work/corpora \\
-        --src en --tgt de --out work/data --merges 40000
+        --src en --tgt de --out work/data --merges 40000 --workers 8
     python -m fairseq_kd.prepare_bpe ... --teacher-dir wmt16.en-de.joined-dict.transformer
 
 The rules of fairseq's ``examples/translation/prepare-wmt14en2{de,fr}.sh``, with sacremoses and
-subword-nmt in place of the Perl scripts: punctuation normalization, removal of non-printing
-characters, ``tokenizer.perl -a -l LANG`` (aggressive hyphen splitting, XML escaping); one joint
-BPE of ``--merges`` operations (40000 in both scripts) learned on the tokenized training text of
-both languages; then ``clean-corpus-n.perl -ratio 1.5 ... 1 250`` on the BPE'd training pairs (the
-length filter comes after BPE).  The valid and test sets are kept whole (they are newstest sets
-here, and their plain-text references are scored).
+subword-nmt in place of the Perl scripts (:mod:`fairseq_kd.wmt.rules` names the source of each rule):
 
-With ``--teacher-dir DIR`` (a fairseq model folder: ``bpecodes``, ``dict.SRC.txt``,
-``dict.TGT.txt``) nothing is learned: the folder's BPE codes are applied and ``fairseq-preprocess``
-binarizes with its dictionaries (``--srcdict``/``--tgtdict``), so the teacher's dictionary check
-passes by construction.
+* train and valid: ``normalize-punctuation.perl -l L | remove-non-printing-char.perl |
+  tokenizer.perl -a -l L``; test: only ``sed "s/’/'/g" | tokenizer.perl -a -l L``;
+* Romanian (the WMT'16 En-Ro recipes): ``normalise-romanian.py | remove-diacritics.py`` on the
+  Romanian side of every set, before the tokenizer;
+* one joint BPE of ``--merges`` operations (40000 in both scripts) learned on the tokenized
+  training text of both languages;
+* ``clean-corpus-n.perl -ratio 1.5 ... 1 250`` on the BPE'd train and valid pairs, the only length
+  filter (the test set is kept whole).
 
-Writes ``OUT/raw`` (plain text; the training pairs kept by the length filter), ``OUT/tok``
-(tokenized), ``OUT/bpecodes``, ``OUT/bpe_text`` and ``OUT/bin``.  Each stage is skipped when its
-output exists; every file is written under a temporary name and renamed.
+Tokenization, the BPE word counts and the BPE are streamed through ``--workers`` processes in
+input order (:mod:`fairseq_kd.streaming`), in memory that does not grow with the corpus.
+
+With ``--teacher-dir DIR`` (a fairseq model folder: ``bpecodes`` or fastBPE ``codes``,
+``dict.SRC.txt``, ``dict.TGT.txt``) nothing is learned: the folder's BPE codes are applied (fastBPE
+codes, ``a b count`` lines, are rewritten as subword-nmt codes), the tokenizer's ``-a`` is used only
+when the teacher's dictionary holds ``@-@`` (the model was trained on ``-a`` text), and
+``fairseq-preprocess`` binarizes with its dictionaries, so the teacher's dictionary check passes.
+
+Writes ``OUT/raw`` (plain text; the pairs kept by the length filter), ``OUT/tok`` (tokenized),
+``OUT/bpecodes``, ``OUT/bpe`` (BPE'd, unfiltered), ``OUT/bpe_text`` (filtered) and ``OUT/bin``.  Each
+step is skipped when its output exists; every file is written under a temporary name and renamed.
+See docs/data_preparation.md.
 """
 
 import argparse
@@ -29,68 +38,152 @@ import os
 import shutil
 import subprocess
 import sys
-import unicodedata
-from typing import List, Optional, Sequence, Tuple
+from collections import Counter
+from typing import Callable, List, Optional, Sequence, Tuple
 
-from tqdm import tqdm
-
-from fairseq_kd.corpora import locate_corpus, read_lines
+from fairseq_kd.corpora import locate_corpus
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.prepare import SPLITS, add_corpus_arguments, slice_corpus
-from fairseq_kd.textio import write_lines_atomic
+from fairseq_kd.streaming import map_file, reduce_files
+from fairseq_kd.textio import read_text_lines, unique_tmp
+from fairseq_kd.wmt import rules
 
 MAX_TOKENS = 250  # clean-corpus-n.perl ... 1 250
 MAX_RATIO = 1.5   # clean-corpus-n.perl -ratio 1.5
+FILTERED = ("train", "valid")  # fairseq's scripts run clean-corpus-n on bpe.train and bpe.valid
 
 
-def _printable(line: str) -> str:
-    """remove-non-printing-char.perl: every control/format character becomes a space."""
-    return "".join(" " if unicodedata.category(c).startswith("C") else c for c in line)
-
-
-def moses_tokenize(lines: Sequence[str], lang: str, desc: str = "") -> List[str]:
-    """normalize-punctuation.perl | remove-non-printing-char.perl | tokenizer.perl -a -l LANG."""
+def moses_line_fn(lang: str, test: bool = False, aggressive: bool = True, romanian: bool = True) -> Callable[[str], str]:
+    """One line through fairseq's chain for ``lang``: train/valid
+    ``normalize-punctuation | remove-non-printing-char | tokenizer.perl [-a]``, test ``’ -> ' | tokenizer.perl [-a]``;
+    for Romanian (``romanian``) the WMT'16 normalisation and diacritic removal before the tokenizer."""
     from sacremoses import MosesPunctNormalizer, MosesTokenizer
 
     norm, tok = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
-    return [
-        tok.tokenize(_printable(norm.normalize(line)), aggressive_dash_splits=True, escape=True, return_str=True)
-        for line in tqdm(lines, desc=f"moses {desc}", unit="sent", leave=False)
-    ]
+    ro = romanian and lang == "ro"
+
+    def fn(line: str) -> str:
+        line = rules.map_test_quote(line) if test else rules.printable(norm.normalize(line))
+        if ro:
+            line = rules.remove_romanian_diacritics(rules.normalise_romanian(line))
+        return tok.tokenize(line, aggressive_dash_splits=aggressive, escape=True, return_str=True)
+
+    return fn
 
 
-def learn_codes(texts: Sequence[str], merges: int, dest: str) -> None:
-    """One joint BPE (subword-nmt learn_bpe) on the concatenated tokenized files ``texts``."""
-    from subword_nmt.learn_bpe import learn_bpe
-
-    joined = dest + ".input.tmp"
-    with open(joined, "w", encoding="utf-8") as out:
-        for path in texts:
-            with open(path, encoding="utf-8") as f:
-                shutil.copyfileobj(f, out)
-    with open(joined, encoding="utf-8") as f, open(dest + ".tmp", "w", encoding="utf-8") as out:
-        learn_bpe(f, out, merges)
-    os.remove(joined)
-    os.replace(dest + ".tmp", dest)
+def moses_chunks(lang: str, test: bool, aggressive: bool, romanian: bool) -> Callable[[List[str]], List[str]]:
+    fn = moses_line_fn(lang, test, aggressive, romanian)
+    return lambda chunk: [fn(line) for line in chunk]
 
 
-def apply_codes(codes: str, lines: Sequence[str], desc: str = "") -> List[str]:
+def moses_tokenize(lines: Sequence[str], lang: str, desc: str = "", test: bool = False, aggressive: bool = True,
+                   romanian: bool = True) -> List[str]:
+    """The chain of :func:`moses_line_fn` over a list of lines."""
+    fn = moses_line_fn(lang, test, aggressive, romanian)
+    return [fn(line) for line in lines]
+
+
+def bpe_chunks(codes: str) -> Callable[[List[str]], List[str]]:
     from subword_nmt.apply_bpe import BPE
 
     with open(codes, encoding="utf-8") as f:
         bpe = BPE(f)
-    return [bpe.process_line(line) for line in tqdm(lines, desc=f"bpe {desc}", unit="sent", leave=False)]
+    return lambda chunk: [bpe.process_line(line) for line in chunk]
 
 
-def keep_pair(src: str, tgt: str, max_tokens: int = MAX_TOKENS, ratio: float = MAX_RATIO) -> bool:
-    """clean-corpus-n.perl on BPE'd text: 1..max_tokens tokens on each side, length ratio <= ratio."""
-    ns, nt = len(src.split()), len(tgt.split())
-    return 1 <= ns <= max_tokens and 1 <= nt <= max_tokens and ns <= ratio * nt and nt <= ratio * ns
+def word_count_chunks() -> Callable[[List[str]], Counter]:
+    """learn_bpe's word counts (its ``get_vocabulary``: words split on single spaces, first-seen order)."""
+    return lambda chunk: Counter(w for line in chunk for w in line.strip("\r\n ").split(" ") if w)
+
+
+def _add(a: Counter, b: Counter) -> Counter:
+    a.update(b)
+    return a
+
+
+def learn_codes(texts: Sequence[str], merges: int, dest: str, workers: int = 1) -> None:
+    """One joint BPE (subword-nmt learn_bpe) on the tokenized files ``texts``; the word counts are made
+    in ``workers`` processes and handed to learn_bpe as a dictionary (memory: the vocabulary)."""
+    from subword_nmt.learn_bpe import learn_bpe
+
+    if os.path.exists(dest):
+        return
+    counts = reduce_files(word_count_chunks, (), texts, _add, Counter(), workers, desc="bpe word counts")
+    vocab = [f"{w} {c}" for w, c in counts.items()]  # first-seen order, as learn_bpe counts a text
+    del counts
+    tmp = unique_tmp(dest)
+    with open(tmp, "w", encoding="utf-8") as out:
+        learn_bpe(vocab, out, merges, is_dict=True)
+    os.replace(tmp, dest)
+
+
+def filter_pairs(bpe: Tuple[str, str], raw: Tuple[str, str], out_bpe: Tuple[str, str], out_raw: Tuple[str, str],
+                 max_tokens: int = MAX_TOKENS, ratio: float = MAX_RATIO) -> Tuple[int, int]:
+    """clean-corpus-n over the BPE'd pair files ``bpe``, streamed; the kept pairs (squeezed as the script
+    writes them) go to ``out_bpe`` and their raw lines to ``out_raw``.  Returns ``(read, kept)``."""
+    outs = [*out_bpe, *out_raw]
+    tmps = [unique_tmp(p) for p in outs]
+    read = kept = 0
+    try:
+        files = [open(t, "w", encoding="utf-8", newline="\n") for t in tmps]
+        try:
+            streams = [read_text_lines(p) for p in (*bpe, *raw)]
+            bpe_pairs = zip(streams[0], streams[1])
+            for cleaned, rs, rt in zip(rules.clean_corpus_n(bpe_pairs, 1, max_tokens, ratio), streams[2], streams[3]):
+                read += 1
+                if cleaned is not None:
+                    for f, line in zip(files, (*cleaned, rs, rt)):
+                        f.write(line + "\n")
+                    kept += 1
+        finally:
+            for f in files:
+                f.close()
+        for t, p in zip(tmps, outs):
+            os.replace(t, p)
+    finally:
+        for t in tmps:
+            if os.path.exists(t):
+                os.remove(t)
+    return read, kept
+
+
+def read_codes(path: str) -> Tuple[str, List[str]]:
+    """``(format, merges)`` of a BPE codes file: ``subword-nmt`` (``a b`` lines, optional ``#version``
+    header) or ``fastbpe`` (``a b count`` lines, as fairseq's WMT'19 models ship them)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    body = [line for line in lines if line and not line.startswith("#version")]
+    if not body:
+        raise DistillationError(f"{path} holds no BPE merges; pass the model's codes file (--teacher-dir)")
+    fields = [len(line.split(" ")) for line in body]
+    if all(n == 3 for n in fields) and all(line.rsplit(" ", 1)[1].isdigit() for line in body):
+        return "fastbpe", [line.rsplit(" ", 1)[0] for line in body]
+    bad = next((i for i, n in enumerate(fields) if n != 2), None)
+    if bad is not None:
+        raise DistillationError(f"{path}: line {lines.index(body[bad]) + 1} is neither 'a b' (subword-nmt) nor "
+                                f"'a b count' (fastBPE); pass the model's BPE codes (--teacher-dir)")
+    return "subword-nmt", body
+
+
+def install_codes(teacher_codes: str, dest: str) -> str:
+    """``dest``: the teacher's codes as subword-nmt reads them (fastBPE's counts dropped, version 0.2, the
+    end-of-word convention both share); returns the source format."""
+    fmt, merges = read_codes(teacher_codes)
+    if not os.path.exists(dest):
+        tmp = unique_tmp(dest)
+        if fmt == "fastbpe":
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+        else:
+            shutil.copyfile(teacher_codes, tmp)
+        os.replace(tmp, dest)
+    return fmt
 
 
 def teacher_files(teacher_dir: str, src: str, tgt: str) -> Tuple[str, str, str]:
-    """``(bpecodes, dict.SRC.txt, dict.TGT.txt)`` of a fairseq model folder."""
-    codes = next((os.path.join(teacher_dir, n) for n in ("bpecodes", "code") if os.path.exists(os.path.join(teacher_dir, n))), None)
+    """``(codes, dict.SRC.txt, dict.TGT.txt)`` of a fairseq model folder (``bpecodes``, ``code`` or ``codes``)."""
+    codes = next((os.path.join(teacher_dir, n) for n in ("bpecodes", "code", "codes")
+                  if os.path.exists(os.path.join(teacher_dir, n))), None)
     if codes is None:
         raise DistillationError(f"{teacher_dir} has no bpecodes: pass the folder of a fairseq BPE model (--teacher-dir)")
     dicts = [os.path.join(teacher_dir, f"dict.{lang}.txt") for lang in (src, tgt)]
@@ -100,53 +193,65 @@ def teacher_files(teacher_dir: str, src: str, tgt: str) -> Tuple[str, str, str]:
     return codes, dicts[0], dicts[1]
 
 
-def _read(path: str) -> List[str]:
-    return list(read_lines(path))
+def trained_with_aggressive_hyphens(dict_paths: Sequence[str]) -> bool:
+    """Whether a model's dictionaries hold ``@-@`` (``tokenizer.perl -a`` output) as a symbol."""
+    for path in dict_paths:
+        with open(path, encoding="utf-8") as f:
+            if any(line.split(" ", 1)[0] == "@-@" for line in f):
+                return True
+    return False
 
 
 def prepare_bpe(corpus: str, data_root: str, src: str, tgt: str, out: str, train_lines: Optional[int] = None,
                 valid_lines: Optional[int] = None, test_lines: Optional[int] = None, merges: int = 40000,
-                workers: int = 1, test_from_valid: Optional[int] = None, teacher_dir: Optional[str] = None) -> str:
-    """Run every stage; returns the binarized data directory."""
+                workers: int = 1, test_from_valid: Optional[int] = None, teacher_dir: Optional[str] = None,
+                aggressive: Optional[bool] = None, romanian: bool = True) -> str:
+    """Run every step; returns the binarized data directory.  ``aggressive`` (``-a``) defaults to True,
+    or with ``teacher_dir`` to whether the teacher's dictionaries hold ``@-@``."""
     corpus_dir = locate_corpus(corpus, data_root)
     sliced = os.path.join(out, "sliced")
     limits = {"train": train_lines, "valid": valid_lines, "test": test_lines}
     slice_corpus(corpus_dir, sliced, (src, tgt), limits, test_from_valid)
-    tok_dir, bpe_dir, raw_dir = (os.path.join(out, d) for d in ("tok", "bpe_text", "raw"))
-    os.makedirs(tok_dir, exist_ok=True)
-    for split in SPLITS:
-        for lang in (src, tgt):
-            dest = os.path.join(tok_dir, f"{split}.{lang}")
-            if not os.path.exists(dest):
-                write_lines_atomic(dest, moses_tokenize(_read(os.path.join(sliced, f"{split}.{lang}")), lang, f"{split}.{lang}"))
     codes = os.path.join(out, "bpecodes")
     dicts = None
     if teacher_dir:
         teacher_codes, src_dict, tgt_dict = teacher_files(teacher_dir, src, tgt)
         dicts = (src_dict, tgt_dict)
-        if not os.path.exists(codes):
-            shutil.copyfile(teacher_codes, codes + ".tmp")
-            os.replace(codes + ".tmp", codes)
-    elif not os.path.exists(codes):
-        learn_codes([os.path.join(tok_dir, f"train.{lang}") for lang in (src, tgt)], merges, codes)
-    os.makedirs(bpe_dir, exist_ok=True)
-    os.makedirs(raw_dir, exist_ok=True)
+        fmt = install_codes(teacher_codes, codes)
+        if aggressive is None:
+            aggressive = trained_with_aggressive_hyphens(dicts)
+        print(f"teacher {teacher_dir}: {fmt} codes, tokenizer.perl {'-a' if aggressive else 'without -a'} "
+              f"({'@-@ in' if aggressive else 'no @-@ in'} its dictionaries)")
+    aggressive = True if aggressive is None else aggressive
+    tok_dir, bpe_dir, text_dir, raw_dir = (os.path.join(out, d) for d in ("tok", "bpe", "bpe_text", "raw"))
+    for d in (tok_dir, bpe_dir, text_dir, raw_dir):
+        os.makedirs(d, exist_ok=True)
     for split in SPLITS:
-        dests = [os.path.join(bpe_dir, f"{split}.{lang}") for lang in (src, tgt)]
-        if all(os.path.exists(d) for d in dests):
+        for lang in (src, tgt):
+            map_file(moses_chunks, (lang, split == "test", aggressive, romanian), os.path.join(sliced, f"{split}.{lang}"),
+                     os.path.join(tok_dir, f"{split}.{lang}"), workers, desc=f"moses {split}.{lang}")
+    if not teacher_dir:
+        learn_codes([os.path.join(tok_dir, f"train.{lang}") for lang in (src, tgt)], merges, codes, workers)
+    for split in SPLITS:
+        for lang in (src, tgt):
+            map_file(bpe_chunks, (codes,), os.path.join(tok_dir, f"{split}.{lang}"), os.path.join(bpe_dir, f"{split}.{lang}"),
+                     workers, desc=f"bpe {split}.{lang}")
+    for split in SPLITS:
+        names = [f"{split}.{lang}" for lang in (src, tgt)]
+        if all(os.path.exists(os.path.join(text_dir, n)) and os.path.exists(os.path.join(raw_dir, n)) for n in names):
             continue
-        s_bpe, t_bpe = (apply_codes(codes, _read(os.path.join(tok_dir, f"{split}.{lang}")), f"{split}.{lang}")
-                        for lang in (src, tgt))
-        s_raw, t_raw = (_read(os.path.join(sliced, f"{split}.{lang}")) for lang in (src, tgt))
-        keep = [split != "train" or keep_pair(s, t) for s, t in zip(s_bpe, t_bpe)]
-        for lang, bpe_lines, raw_lines in ((src, s_bpe, s_raw), (tgt, t_bpe, t_raw)):
-            write_lines_atomic(os.path.join(raw_dir, f"{split}.{lang}"), (r for r, k in zip(raw_lines, keep) if k))
-            write_lines_atomic(os.path.join(bpe_dir, f"{split}.{lang}"), (b for b, k in zip(bpe_lines, keep) if k))
-        if split == "train":
-            print(f"{split}: {sum(keep)} of {len(keep)} pairs kept by the length filter "
-                  f"(1..{MAX_TOKENS} BPE tokens, ratio <= {MAX_RATIO})")
+        pick = lambda d: tuple(os.path.join(d, n) for n in names)  # noqa: E731
+        if split in FILTERED:
+            read, kept = filter_pairs(pick(bpe_dir), pick(sliced), pick(text_dir), pick(raw_dir))
+            print(f"{split}: {kept} of {read} pairs kept by clean-corpus-n -ratio {MAX_RATIO} 1 {MAX_TOKENS} (after BPE)")
+        else:
+            for a, b in ((pick(bpe_dir), pick(text_dir)), (pick(sliced), pick(raw_dir))):
+                for s, d in zip(a, b):
+                    tmp = unique_tmp(d)
+                    shutil.copyfile(s, tmp)
+                    os.replace(tmp, d)
     bin_dir = os.path.join(out, "bin")
-    binarize(bpe_dir, bin_dir, src, tgt, workers, dicts)
+    binarize(text_dir, bin_dir, src, tgt, workers, dicts)
     return bin_dir
 
 
@@ -168,15 +273,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_corpus_arguments(parser, "wmt14_en_de")
     parser.add_argument("--merges", type=int, default=40000, help="joint BPE merge operations (fairseq's scripts: 40000)")
-    parser.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes for tokenization, BPE word counts, BPE and fairseq-preprocess")
     parser.add_argument("--test-from-valid", type=int, default=None, metavar="N",
                         help="for a corpus without a test split: the last N valid pairs are the test set")
     parser.add_argument("--teacher-dir", default=None,
                         help="a fairseq model folder: apply its bpecodes and binarize with its dict.*.txt")
+    hyphens = parser.add_mutually_exclusive_group()
+    hyphens.add_argument("--aggressive-hyphens", dest="aggressive", action="store_true", default=None,
+                         help="tokenizer.perl -a (the default; with --teacher-dir: when its dictionary holds @-@)")
+    hyphens.add_argument("--no-aggressive-hyphens", dest="aggressive", action="store_false",
+                         help="tokenizer.perl without -a")
+    parser.add_argument("--no-romanian-rules", dest="romanian", action="store_false",
+                        help="skip the WMT'16 Romanian normalisation and diacritic removal (Romanian side)")
     args = parser.parse_args(argv)
     bin_dir = prepare_bpe(args.corpus, args.data_root, args.src, args.tgt, args.out, args.train_lines,
                           args.valid_lines, args.test_lines, args.merges, args.workers, args.test_from_valid,
-                          args.teacher_dir)
+                          args.teacher_dir, args.aggressive, args.romanian)
     print(bin_dir)
 
 

@@ -12,7 +12,8 @@ and checks that every id from 0 to N-1 is present exactly once.  ``table``
 prints corpus BLEU and chrF for each system with the sacrebleu signatures; ``--tokenized --lang L``
 adds the papers' tokenized BLEU, ``--compound-split`` their compound-split BLEU (En-De), and
 ``--comet-model PATH --src SRC`` COMET (:mod:`fairseq_kd.scoring_tok`).  ``extract --detokenize L``
-Moses-detokenizes Moses-tokenized output (the Moses + BPE data) for sacreBLEU.
+Moses-detokenizes Moses-tokenized output (the Moses + BPE data) for sacreBLEU.  ``compound-split GEN``
+is fairseq's ``scripts/compound_split_bleu.sh GEN`` on a ``fairseq-generate`` output.
 """
 
 import argparse
@@ -123,7 +124,8 @@ def table(ref_file: str, systems: Sequence[Tuple[str, str]], lang: Optional[str]
         lines.append(f"tok. BLEU: Moses-tokenized ({lang}) hypotheses and reference, sacreBLEU --tokenize none "
                      "(multi-bleu.perl), as the papers report")
     if compound_split:
-        lines.append("comp.-split BLEU: tok. BLEU after fairseq's compound_split_bleu.sh rule (a-b -> a ##AT##-##AT## b)")
+        lines.append("comp.-split BLEU: fairseq's compound_split_bleu.sh (a-b -> a ##AT##-##AT## b, fairseq-score) on "
+                     "hypotheses and reference tokenized as fairseq's test sets (tokenizer.perl -a)")
     if comet_model:
         lines.append(f"COMET: {comet_model} (x 100)")
     if comet_note:
@@ -146,6 +148,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ex.add_argument("dest")
     ex.add_argument("--expect-lines", type=int, default=None, help="fail unless exactly this many sentences")
     ex.add_argument("--detokenize", metavar="LANG", default=None, help="Moses-detokenize the hypotheses (Moses + BPE data)")
+    cs = sub.add_parser("compound-split", help="fairseq's compound_split_bleu.sh on a fairseq-generate output")
+    cs.add_argument("generate_output")
     tb = sub.add_parser("table", help="BLEU/chrF table of several systems")
     tb.add_argument("--ref", required=True, help="plain-text reference")
     tb.add_argument("--system", action="append", required=True, metavar="NAME=HYP", help="system name and hypothesis file")
@@ -159,6 +163,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.command == "extract":
         n = extract(args.generate_output, args.dest, args.expect_lines, args.detokenize)
         print(f"{args.dest}: {n} lines")
+        return
+    if args.command == "compound-split":
+        from fairseq_kd.scoring_tok import compound_split_bleu
+
+        print(compound_split_bleu(args.generate_output)[1])
         return
     systems = []
     for item in args.system:

@@ -232,7 +232,7 @@ def en_ro_world(tmp_path, monkeypatch, capfd):
 def test_prepare_wmt_en_ro_builds_the_corpus_and_skips_finished_downloads(en_ro_world, tmp_path):
     world = en_ro_world
     out = tmp_path / "wmt16_en_ro"
-    proc = world.prepare_sh("--pair", "en-ro", "--out", out)  # through the shell wrapper, the rest in-process
+    proc = world.prepare_sh("--pair", "en-ro", "--out", out, "--extra-clean")  # through the shell wrapper, the rest in-process
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     expected = clean_corpus_n(*world.ep) + clean_corpus_n(*world.st)
@@ -381,7 +381,7 @@ def test_prepare_wmt14_en_de_and_en_fr_follow_the_fairseq_file_lists(tmp_path, m
     orig = tmp_path / "orig"  # one download folder shared by both pairs
     for pair, corpora, tgt in (("en-de", de, "de"), ("en-fr", fr, "fr")):
         out = tmp_path / pair
-        proc = world.prepare("--pair", pair, "--out", out, "--orig", orig)
+        proc = world.prepare("--pair", pair, "--out", out, "--orig", orig, "--extra-clean")
         assert proc.returncode == 0, proc.stderr[-3000:]
         expected = [p for name in corpora for p in clean_corpus_n(*corpora[name])]
         assert list(zip(read(out / "train.en"), read(out / f"train.{tgt}"))) == expected
@@ -828,8 +828,9 @@ def test_tokenized_and_compound_split_bleu_match_hand_computed_values(tmp_path):
     hyp, ref = ["Das ist ein gut-gemeinter Rat."], ["Das ist ein gut-gemeinter Vorschlag."]
     assert scoring_tok.moses_tokenize(hyp, "de") == ["Das ist ein gut-gemeinter Rat ."]
     assert scoring_tok.tokenized_bleu(hyp, ref, "de") == pytest.approx(100 * (1 / 12) ** 0.25)
-    # compound split: "gut ##AT##-##AT## gemeinter" -> 8 tokens; p = 7/8, 5/7, 4/6, 3/5 -> (1/4) ** (1/4)
-    assert scoring_tok.tokenized_bleu(hyp, ref, "de", compound_split=True) == pytest.approx(100 * 0.25 ** 0.25)
+    # compound split (tokenizer.perl -a, then the rule): "gut @ ##AT##-##AT## @ gemeinter" -> 10 tokens;
+    # p = 9/10, 7/9, 6/8, 5/7 -> 0.375 ** (1/4)
+    assert scoring_tok.tokenized_bleu(hyp, ref, "de", compound_split=True) == pytest.approx(100 * 0.375 ** 0.25)
     # fairseq's perl rule, s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g: a match consumes its right character
     assert scoring_tok.split_compounds("a-b-c x-y - z") == "a ##AT##-##AT## b-c x ##AT##-##AT## y - z"
     # multi-bleu: no smoothing, a missing 4-gram match is BLEU 0; two sentences pooled at corpus level
@@ -851,7 +852,7 @@ def test_tokenized_and_compound_split_bleu_match_hand_computed_values(tmp_path):
                                           "--src", src_file, "--markdown", tmp_path / "t.md"])
     table = (tmp_path / "t.md").read_text()
     assert "| system | BLEU | chrF | tok. BLEU | comp.-split BLEU |" in table
-    assert f"| {100 * (1 / 12) ** 0.25:.2f} | {100 * 0.25 ** 0.25:.2f} |" in table
+    assert f"| {100 * (1 / 12) ** 0.25:.2f} | {100 * 0.375 ** 0.25:.2f} |" in table
     assert "multi-bleu.perl" in table and "compound_split_bleu.sh" in table
     assert "COMET: skipped, unbabel-comet is not installed" in table and "COMET skipped" in proc.stdout
 

@@ -27,11 +27,12 @@ The valid and test sets come from sacrebleu's own downloader (``SACREBLEU``,
 ``sacrebleu`` by default: ``sacrebleu -t wmt14/full -l en-de --echo src``),
 which verifies its md5 checksums.
 
-Training pairs are cleaned like Moses' ``clean-corpus-n.perl`` (``-ratio 1.5``,
-1 to 250 tokens) on whitespace-separated words: a pair is dropped when a side is
-empty, longer than ``--max-words`` words, or when the word-count ratio exceeds
-``--max-ratio``.  Carriage returns and other characters that some readers take
-for line breaks are replaced by spaces; nothing else is changed.  Every file is
+Only training pairs with an empty side are dropped (``--extra-clean`` adds the
+project's raw filter: more than ``--max-words`` words or a word-count ratio over
+``--max-ratio``); the length filter of fairseq's recipes, ``clean-corpus-n.perl
+-ratio 1.5 ... 1 250`` after BPE, is :mod:`fairseq_kd.prepare_bpe`'s.  Carriage
+returns and other characters that some readers take for line breaks are replaced
+by spaces; nothing else is changed.  Every file is
 written under a temporary name and renamed when complete, and the line counts
 of source and target (and of the test sets, against their published sizes) are
 asserted.
@@ -47,6 +48,8 @@ pair is made of, :data:`PAIRS`), :mod:`fairseq_kd.download` (download and
 sha256 verification, shared with :mod:`fairseq_kd.corpora`),
 :mod:`~fairseq_kd.wmt.extract` (archive members),
 :mod:`~fairseq_kd.wmt.clean` (cleaning into ``train.*``),
+:mod:`~fairseq_kd.wmt.rules` (the line-level rules of fairseq's and the WMT'16 scripts, used by
+:mod:`fairseq_kd.prepare_bpe`),
 :mod:`~fairseq_kd.wmt.testsets` (sacrebleu valid/test sets),
 :mod:`~fairseq_kd.wmt.build` (:func:`prepare`, ``README.md``) and
 :mod:`~fairseq_kd.wmt.cli` (:func:`main`).

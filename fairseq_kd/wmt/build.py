@@ -42,7 +42,9 @@ def write_readme(pair_name: str, pair: Pair, out: str, orig: str, digests: Dict[
         else "Archive checksums NOT verified (no --checksums manifest); pin them with checksums.observed.",
         "",
         "Training corpora, in order: " + ", ".join(f"{b.archive}:{b.member('{' + pair.src + ',' + pair.tgt + '}')}" for b in pair.bitexts),
-        f"Cleaning: pairs with an empty side, more than {max_words} words or a word-count ratio over {max_ratio} dropped.",
+        (f"Cleaning: pairs with an empty side, more than {max_words} words or a word-count ratio over {max_ratio} dropped "
+         "(--extra-clean)." if max_words > 0 or max_ratio > 0 else
+         "Cleaning: pairs with an empty side dropped; the length filter is clean-corpus-n after BPE (prepare_bpe)."),
         f"valid: {pair.valid.label} (sacrebleu -t {pair.valid.sacrebleu}); test: {pair.test.label} (sacrebleu -t {pair.test.sacrebleu}).",
         f"Downloads: {orig}",
         "",
@@ -57,7 +59,7 @@ def write_readme(pair_name: str, pair: Pair, out: str, orig: str, digests: Dict[
 
 
 def prepare(pair_name: str, out: str, orig: Optional[str] = None, checksums: Optional[str] = None,
-            download: str = "curl", sacrebleu: str = "sacrebleu", max_words: int = 250, max_ratio: float = 1.5) -> str:
+            download: str = "curl", sacrebleu: str = "sacrebleu", max_words: int = 0, max_ratio: float = 0) -> str:
     """Build the corpus folder ``out`` for ``pair_name``; returns ``out``."""
     if pair_name not in PAIRS:
         raise DistillationError(f"unknown pair {pair_name!r}; choose one of {', '.join(PAIRS)}")

@@ -1,10 +1,13 @@
 """Reading and cleaning the training bitexts into ``OUT/train.{src,tgt}``.
 
-Training pairs are cleaned like Moses' ``clean-corpus-n.perl`` (``-ratio 1.5``,
-1 to 250 tokens) on whitespace-separated words: a pair is dropped when a side is
-empty, longer than ``max_words`` words, or when the word-count ratio exceeds
-``max_ratio``.  Carriage returns and other characters that some readers take
-for line breaks are replaced by spaces; nothing else is changed.
+A pair is dropped when a side is empty (fairseq's ``clean-corpus-n.perl`` after
+BPE drops it anyway; that filter, :func:`fairseq_kd.wmt.rules.clean_corpus_n`, is
+the only length filter of the Moses + BPE data).  With the extra cleaning
+(``max_words`` > 0, ``max_ratio`` > 0; ``prepare --extra-clean``) a pair is also
+dropped when a side has more than ``max_words`` whitespace-separated words or the
+word-count ratio exceeds ``max_ratio``, before any tokenization.  Carriage returns
+and other characters that some readers take for line breaks are replaced by
+spaces; nothing else is changed.
 """
 
 import gzip
@@ -37,14 +40,15 @@ def clean_line(line: str) -> str:
     return _LINE_BREAKS.sub(" ", line).strip()
 
 
-def keep_pair(src: str, tgt: str, max_words: int, max_ratio: float) -> bool:
+def keep_pair(src: str, tgt: str, max_words: int = 0, max_ratio: float = 0) -> bool:
+    """No side empty; with ``max_words`` / ``max_ratio`` > 0 also the extra cleaning on raw words."""
     ns, nt = len(src.split()), len(tgt.split())
-    if ns == 0 or nt == 0 or ns > max_words or nt > max_words:
+    if ns == 0 or nt == 0 or (max_words > 0 and (ns > max_words or nt > max_words)):
         return False
-    return max(ns, nt) / min(ns, nt) <= max_ratio
+    return max_ratio <= 0 or max(ns, nt) / min(ns, nt) <= max_ratio
 
 
-def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int, max_ratio: float) -> Dict[str, Tuple[int, int]]:
+def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int = 0, max_ratio: float = 0) -> Dict[str, Tuple[int, int]]:
     """Concatenate and clean the training corpora into ``OUT/train.{src,tgt}``; returns ``{corpus: (read, kept)}``."""
     dest = {lang: os.path.join(out, f"train.{lang}") for lang in (pair.src, pair.tgt)}
     stats: Dict[str, Tuple[int, int]] = {}

@@ -26,18 +26,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     pp.add_argument("--orig", default=None, help="where archives are downloaded and extracted (default OUT/orig)")
     pp.add_argument("--checksums", default=None, metavar="FILE",
                     help="sha256 manifest ('HEX  ARCHIVE' lines, e.g. a checksums.observed); every archive must match")
-    pp.add_argument("--max-words", type=int, default=250, help="drop training pairs with a side longer than this")
-    pp.add_argument("--max-ratio", type=float, default=1.5, help="drop training pairs whose word-count ratio exceeds this")
+    pp.add_argument("--extra-clean", action="store_true",
+                    help="also drop raw training pairs over --max-words words or --max-ratio (fairseq filters only "
+                         "after BPE, in prepare_bpe; without this only pairs with an empty side are dropped)")
+    pp.add_argument("--max-words", type=int, default=None, help="with --extra-clean (implied): words per side [250]")
+    pp.add_argument("--max-ratio", type=float, default=None, help="with --extra-clean (implied): word-count ratio [1.5]")
     av = sub.add_parser("average", help="average the last N interval checkpoints of a run")
     add_average_arguments(av)
     args = parser.parse_args(argv)
     if args.command == "average":
         run_average(args)
         return
+    extra = args.extra_clean or args.max_words is not None or args.max_ratio is not None
+    max_words = (250 if args.max_words is None else args.max_words) if extra else 0
+    max_ratio = (1.5 if args.max_ratio is None else args.max_ratio) if extra else 0
     with exit_on_error(PROG):
         prepare(
             args.pair, args.out, args.orig, args.checksums,
             download=os.environ.get("DOWNLOAD") or "curl",
             sacrebleu=os.environ.get("SACREBLEU") or "sacrebleu",
-            max_words=args.max_words, max_ratio=args.max_ratio,
+            max_words=max_words, max_ratio=max_ratio,
         )
