@@ -259,3 +259,54 @@ def chunked_rows(
     vocab = max((t.size(-1) for t in tensors if t.dim() > lead), default=1)
     out = _ChunkedRows.apply(fn, chunk_rows(vocab), None if rows is not None else mask.reshape(-1), rows, *flat)
     return out.view(mask.shape)
+
+
+
+def _tail_rows(lprobs: Tensor, ids: Tensor) -> Tensor:
+    """``logsumexp`` of one chunk's rows over the entries outside ``ids`` (those set to ``-inf`` in a copy)."""
+    return lprobs.scatter(-1, ids, -math.inf).logsumexp(dim=-1)
+
+
+#: the floor of a tail bucket's log-mass (exp(-80) ~ 1.8e-35, above float32's smallest normal): an empty
+#: tail (ids covering the vocabulary) stays finite, so no divergence meets ``-inf - -inf``; below it the
+#: tail receives no gradient
+TAIL_FLOOR = -80.0
+
+
+class _Buckets(torch.autograd.Function):
+    """``[N, k + 1]``: rows of ``lprobs`` ``[N, V]`` at ``ids`` ``[N, k]``, then the log of their mass
+    outside ``ids``, chunk by chunk.  Backward builds one ``[N, V]`` gradient (as a gather's backward
+    does): ``g_tail * exp(lprobs_v - tail)`` outside ``ids`` (zero on a row whose tail is empty), plus
+    the top-k gradients added at ``ids``."""
+
+    @staticmethod
+    def forward(ctx, lprobs, ids, chunk):
+        out = lprobs.new_empty(lprobs.size(0), ids.size(-1) + 1)
+        with torch.no_grad():
+            out[:, :-1] = lprobs.gather(-1, ids)
+            for sel in _chunks(lprobs.size(0), chunk, None):
+                out[sel, -1] = _tail_rows(lprobs[sel], ids[sel]).clamp_(min=TAIL_FLOOR)
+        ctx.save_for_backward(lprobs, ids, out[:, -1])
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lprobs, ids, tail = ctx.saved_tensors
+        grad = torch.empty_like(lprobs, memory_format=torch.contiguous_format)
+        for sel in _chunks(lprobs.size(0), ctx.chunk, None):
+            rows, g = tail[sel].unsqueeze(-1), grad_out[sel]
+            weights = (lprobs[sel] - rows).exp_().scatter_(-1, ids[sel], 0.0)
+            weights.masked_fill_(rows <= TAIL_FLOOR, 0.0)  # an empty (floored) tail: no entry receives its gradient
+            grad[sel] = weights.mul_(g[:, -1:]).scatter_add_(-1, ids[sel], g[:, :-1])
+        return grad, None, None
+
+
+def bucket_log_probs(lprobs: Tensor, ids: Tensor) -> Tensor:
+    """``[..., k + 1]``: ``lprobs`` ``[..., V]`` at the ids ``[..., k]``, then the log of the mass outside
+    them, a log-sum-exp over those entries in chunks of positions: exact to float rounding however small
+    the tail (``1 - sum`` of the top-k cancels below about ``1e-5`` in float32); ``-inf`` when the ids
+    cover the vocabulary."""
+    flat_ids = ids.reshape(-1, ids.size(-1))
+    out = _Buckets.apply(_flat(lprobs), flat_ids, chunk_rows(lprobs.size(-1)))
+    return out.view(*ids.shape[:-1], ids.size(-1) + 1)
