@@ -105,3 +105,25 @@ def test_teacher_tail_stored_at_build_matches_float64(teacher_tail):
     s = reference_buckets(student64, top)
     ref_kl = (ref.exp() * (ref - s)).sum()
     assert kl.item() == pytest.approx(ref_kl.item(), rel=2e-3, abs=1e-6)
+
+
+def test_a_released_teacher_tensor_is_refused_when_read_again():
+    """The in-place KL leaves the student's gradient factor in the teacher's storage: a second read fails
+    instead of returning a wrong value."""
+    from fairseq_kd.losses.chunked import ReleasedTensorError, pair_divergence
+
+    torch.manual_seed(0)
+    teacher = torch.log_softmax(torch.randn(2, 3, 11), -1)
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    student = torch.log_softmax(logits, -1)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    expected = pair_divergence(teacher.clone(), student, mask, "kl").sum()
+    first = pair_divergence(teacher, student, mask, "kl", overwrite_p=True).sum()
+    assert first.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ReleasedTensorError, match="released"):
+        pair_divergence(teacher, student, mask, "kl")
+    with pytest.raises(ReleasedTensorError):
+        losses.student_buckets(teacher[0], torch.zeros(3, 2, dtype=torch.long))  # a view of it as well
+    (reference,) = torch.autograd.grad(expected, logits, retain_graph=True)
+    first.backward()  # the gradient itself is still right
+    assert torch.allclose(logits.grad, reference, atol=1e-6)

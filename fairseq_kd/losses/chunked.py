@@ -153,6 +153,31 @@ class _PairDivergence(torch.autograd.Function):
         return grad_p, grad_q, None, None, None, None, None, None
 
 
+_RELEASED = "_fairseq_kd_released"
+
+
+class ReleasedTensorError(RuntimeError):
+    """A tensor whose storage a divergence took over (``overwrite_p``) was read again."""
+
+
+def release(t: Tensor) -> None:
+    """Mark ``t`` as holding a gradient factor, not its values: any later read by these functions fails."""
+    setattr(t, _RELEASED, True)
+
+
+def check_not_released(*tensors: Optional[Tensor]) -> None:
+    """Refuse a tensor (or a view of one) marked by :func:`release`: its storage no longer holds its values."""
+    for t in tensors:
+        if t is None:
+            continue
+        if getattr(t, _RELEASED, False) or getattr(getattr(t, "_base", None), _RELEASED, False):
+            raise ReleasedTensorError(
+                "this tensor was released by a divergence computed with overwrite_p/release_teacher (its storage "
+                "now holds a gradient factor): read the teacher's log-probabilities before that call, or pass "
+                "release_teacher=False"
+            )
+
+
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.size(-1))
 
@@ -184,6 +209,7 @@ def pair_divergence(
     """
     if kind not in ("kl", "kl_finite", "floored"):
         raise ValueError(f"unknown pair divergence {kind!r}")
+    check_not_released(log_p, log_q)
     flat_mask = mask.reshape(-1)
     overwrite_p = (overwrite_p and kind in ("kl", "floored") and torch.is_grad_enabled() and log_q.requires_grad
                    and not log_p.requires_grad and log_p.is_contiguous())
@@ -191,6 +217,8 @@ def pair_divergence(
         log_p, log_q, None if rows is not None else flat_mask, rows, kind, log_epsilon,
         chunk_rows(log_p.size(-1)), overwrite_p,
     )
+    if overwrite_p:
+        release(log_p)
     return out.view(mask.shape)
 
 
@@ -254,6 +282,7 @@ def chunked_rows(
     while no full-size temporary of ``fn`` is ever held.  ``rows`` restricts the
     work to those flattened positions (all inside ``mask``).
     """
+    check_not_released(*tensors)
     lead = mask.dim()
     flat = [t.reshape(-1, *t.shape[lead:]) for t in tensors]
     vocab = max((t.size(-1) for t in tensors if t.dim() > lead), default=1)
@@ -306,7 +335,8 @@ def bucket_log_probs(lprobs: Tensor, ids: Tensor) -> Tensor:
     """``[..., k + 1]``: ``lprobs`` ``[..., V]`` at the ids ``[..., k]``, then the log of the mass outside
     them, a log-sum-exp over those entries in chunks of positions: exact to float rounding however small
     the tail (``1 - sum`` of the top-k cancels below about ``1e-5`` in float32); ``-inf`` when the ids
-    cover the vocabulary."""
+    cover the vocabulary (floored at ``TAIL_FLOOR``)."""
+    check_not_released(lprobs)
     flat_ids = ids.reshape(-1, ids.size(-1))
     out = _Buckets.apply(_flat(lprobs), flat_ids, chunk_rows(lprobs.size(-1)))
     return out.view(*ids.shape[:-1], ids.size(-1) + 1)
