@@ -104,6 +104,31 @@ def test_criterions_calling_model_parts_refuse_torch_ddp_before_any_step(criteri
     assert all(p.grad is None for p in model.parameters())  # refused before the forward
 
 
+class FullyShardedDataParallel(torch.nn.Module):
+    """Stands for fairseq's wrapper of ``--ddp-backend fully_sharded`` (fairscale's FSDP, not installed
+    here): like torch's DDP it syncs gradients only through its own forward."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.mark.parametrize("criterion_cls, cfg", [
+    (HybridGatedKDCriterion, HybridGatedKDConfig(sentence_avg=False)),
+    (TieKDCriterion, TieKDConfig(sentence_avg=False)),
+])
+def test_criterions_calling_model_parts_refuse_fully_sharded_before_any_step(criterion_cls, cfg):
+    task = toy.make_task()
+    model, sample = toy.make_model(task), toy.make_sample(task)
+    task.teacher = toy.make_teacher(task)
+    criterion = criterion_cls(task, cfg)
+    wrapped = types.SimpleNamespace(module=FullyShardedDataParallel(model), train=model.train,
+                                    set_num_updates=model.set_num_updates)
+    with pytest.raises(DistillationError, match=r"FullyShardedDataParallel \(--ddp-backend fully_sharded\).*legacy_ddp"):
+        train_step(task, criterion, wrapped, sample)
+    assert all(p.grad is None for p in model.parameters())  # refused before the forward
+
+
 def run_two_ranks(data, save_dir, flags, backend):
     port = cli.free_port()
     procs = []

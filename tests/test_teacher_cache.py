@@ -17,7 +17,7 @@ import torch
 
 from fairseq_kd import losses
 from fairseq_kd.cache.build import teacher_topk
-from fairseq_kd.cache.dataset import IDS_KEY, LPROBS_KEY, CachedTeacher, TeacherCache
+from fairseq_kd.cache.dataset import IDS_KEY, LPROBS_KEY, TAIL_KEY, CachedTeacher, TeacherCache
 from fairseq_kd.cache.manifest import read_manifest
 from fairseq_kd.criterions.hybrid_gated_kd import HybridGatedKDConfig, HybridGatedKDCriterion
 from fairseq_kd.criterions.selective_kd import SelectiveKDConfig, SelectiveKDCriterion
@@ -39,10 +39,11 @@ def test_bucketed_kl_hand_computed():
     ids = torch.tensor([[[0, 1]]])
     student = torch.full((1, 1, 4), math.log(0.25), dtype=torch.float64)
     mask = torch.ones(1, 1, dtype=torch.bool)
-    kl = losses.topk_divergence(student, ids, teacher[:2].view(1, 1, 2), mask, "kl")
+    tail = torch.tensor([[math.log(0.2)]], dtype=torch.float64)
+    kl = losses.topk_divergence(student, ids, teacher[:2].view(1, 1, 2), tail, mask, "kl")
     expected = 0.5 * math.log(2.0) + 0.3 * math.log(1.2) + 0.2 * math.log(0.4)
     assert kl.item() == pytest.approx(expected, rel=1e-12)
-    rkl = losses.topk_divergence(student, ids, teacher[:2].view(1, 1, 2), mask, "rkl")
+    rkl = losses.topk_divergence(student, ids, teacher[:2].view(1, 1, 2), tail, mask, "rkl")
     assert rkl.item() == pytest.approx(0.25 * math.log(0.5) + 0.25 * math.log(0.25 / 0.3) + 0.5 * math.log(2.5), rel=1e-12)
     assert losses.bucket_target(torch.tensor([[1, 3]]), torch.tensor([[[0, 1], [0, 1]]])).tolist() == [[1, 2]]
 
@@ -53,13 +54,14 @@ def test_full_k_equals_full_vocabulary_loss(divergence):
     student, teacher = torch.randn(2, 5, 12), 2 * torch.randn(2, 5, 12)
     target = torch.randint(2, 12, (2, 5))
     target[1, 3:] = 1
-    values, ids = losses.log_probs(teacher).topk(12, dim=-1)
+    ids, values, tail = losses.topk_with_tail(losses.log_probs(teacher), 12)
     full = losses.word_kd_loss(student, teacher, target, 1, 0.1, 0.5, divergence=divergence)
-    cached = losses.word_kd_topk_loss(student, ids, values, target, 1, 0.1, 0.5, divergence=divergence)
+    cached = losses.word_kd_topk_loss(student, ids, values, tail, target, 1, 0.1, 0.5, divergence=divergence)
     for a, b in zip(full, cached):
         assert b.item() == pytest.approx(a.item(), rel=1e-5, abs=1e-5)
     # with k < V the bucketed divergence is a lower bound (grouping never increases an f-divergence)
-    small = losses.word_kd_topk_loss(student, ids[..., :3], values[..., :3], target, 1, 0.1, 0.5, divergence=divergence)
+    ids3, values3, tail3 = losses.topk_with_tail(losses.log_probs(teacher), 3)
+    small = losses.word_kd_topk_loss(student, ids3, values3, tail3, target, 1, 0.1, 0.5, divergence=divergence)
     assert 0 < small[2].item() < full[2].item()
 
 
@@ -67,11 +69,11 @@ def test_full_k_equals_full_vocabulary_loss(divergence):
 def test_topk_divergence_gradcheck(divergence):
     torch.manual_seed(1)
     logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
-    values, ids = losses.log_probs(torch.randn(2, 3, 7, dtype=torch.float64)).topk(3, dim=-1)
+    ids, values, tail = losses.topk_with_tail(losses.log_probs(torch.randn(2, 3, 7, dtype=torch.float64)), 3)
     mask = torch.tensor([[True, True, False], [True, True, True]])
 
     def f(x):
-        return losses.topk_divergence(losses.log_probs(x), ids, values, mask, divergence, 0.2).sum()
+        return losses.topk_divergence(losses.log_probs(x), ids, values, tail, mask, divergence, 0.2).sum()
 
     assert torch.autograd.gradcheck(f, (logits,))
 
@@ -80,8 +82,8 @@ def test_bucketed_kl_gradient_is_exact_on_the_top_k():
     torch.manual_seed(3)
     logits = torch.randn(1, 1, 9, dtype=torch.float64, requires_grad=True)
     teacher = losses.log_probs(torch.randn(1, 1, 9, dtype=torch.float64))
-    values, ids = teacher.topk(3, dim=-1)
-    kl = losses.topk_divergence(losses.log_probs(logits), ids, values, torch.ones(1, 1, dtype=torch.bool), "kl")
+    ids, values, tail_lp = losses.topk_with_tail(teacher, 3)
+    kl = losses.topk_divergence(losses.log_probs(logits), ids, values, tail_lp, torch.ones(1, 1, dtype=torch.bool), "kl")
     (grad,) = torch.autograd.grad(kl.sum(), logits)
     p_s, p_t = losses.log_probs(logits).exp().detach()[0, 0], teacher.exp()[0, 0]
     top = ids[0, 0]
@@ -96,16 +98,16 @@ def test_tie_ranking_from_cache_is_exact_and_sekd_full_k():
     torch.manual_seed(2)
     student, teacher = torch.randn(3, 4, 15), 3 * torch.randn(3, 4, 15)
     target = torch.randint(2, 15, (3, 4))
-    values, ids = losses.log_probs(teacher).topk(8, dim=-1)
+    ids, values, tail = losses.topk_with_tail(losses.log_probs(teacher), 8)
     _, rank = losses.tie_kd_terms(student, teacher, target, 1, topk=5)
-    _, cached_rank = losses.tie_kd_topk_terms(student, ids, values, target, 1, topk=5)
+    _, cached_rank = losses.tie_kd_topk_terms(student, ids, values, tail, target, 1, topk=5)
     assert cached_rank.item() == pytest.approx(rank.item(), rel=1e-6)
-    all_values, all_ids = losses.log_probs(teacher).topk(15, dim=-1)
+    all_ids, all_values, all_tail = losses.topk_with_tail(losses.log_probs(teacher), 15)
     kl, _ = losses.tie_kd_terms(student, teacher, target, 1, topk=5, log_epsilon=0.0)
-    cached_kl, _ = losses.tie_kd_topk_terms(student, all_ids, all_values, target, 1, topk=5, log_epsilon=0.0)
+    cached_kl, _ = losses.tie_kd_topk_terms(student, all_ids, all_values, all_tail, target, 1, topk=5, log_epsilon=0.0)
     assert cached_kl.item() == pytest.approx(kl.item(), rel=1e-5)
     full = losses.self_evolution_kd_loss(student, teacher, target, 1, 0.1, 0.5, gt_weight=0.3)
-    cached = losses.self_evolution_kd_topk_loss(student, all_ids, all_values, target, 1, 0.1, 0.5, gt_weight=0.3)
+    cached = losses.self_evolution_kd_topk_loss(student, all_ids, all_values, all_tail, target, 1, 0.1, 0.5, gt_weight=0.3)
     assert cached[0].item() == pytest.approx(full[0].item(), rel=1e-5)
     assert cached[2].n_hard.item() == full[2].n_hard.item()
 
@@ -115,8 +117,8 @@ def test_tie_ranking_from_cache_is_exact_and_sekd_full_k():
 
 def cached_sample(task, teacher, k, seed=0):
     sample = toy.make_sample(task, batch_size=4, seed=seed)
-    ids, values = teacher_topk(teacher, sample["net_input"], k, 1.0)
-    sample[IDS_KEY], sample[LPROBS_KEY] = ids, values.half()
+    ids, values, tail = teacher_topk(teacher, sample["net_input"], k, 1.0)
+    sample[IDS_KEY], sample[LPROBS_KEY], sample[TAIL_KEY] = ids, values.half(), tail
     return sample
 
 
@@ -187,7 +189,7 @@ def build(prepared, teacher, out_dir, *extra, check=True):
 @pytest.fixture(scope="module")
 def cache8(prepared, teacher_ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "k8")
-    build(prepared, teacher_ckpt, out, "--num-shards", "3", "--max-tokens", "300")  # the batching of the resume test
+    build(prepared, teacher_ckpt, out, "--k", "8", "--num-shards", "3", "--max-tokens", "300")  # the batching of the resume test
     return out
 
 
@@ -208,9 +210,9 @@ def test_round_trip_equals_the_teacher(prepared, teacher_ckpt, cache8):
     # examples at both ends of every shard
     examples = [0, 1, 499, 500, 999, 1000, len(dataset) - 1]
     batch = dataset.collater([dataset[i] for i in examples])
-    ids, values = teacher_topk(teacher, batch["net_input"], 8, 1.0)
+    ids, values, tails = teacher_topk(teacher, batch["net_input"], 8, 1.0)
     for b, example in enumerate(batch["id"].tolist()):
-        cached_ids, cached_values = cache[example]
+        cached_ids, cached_values, cached_tail = cache[example]
         n = dataset.tgt_sizes[example]
         assert cached_ids.shape == (n, 8) and cached_values.dtype == torch.float16
         # the teacher's values to fp16 rounding (half an ulp, plus float32 noise of another batch's padding)
@@ -218,15 +220,18 @@ def test_round_trip_equals_the_teacher(prepared, teacher_ckpt, cache8):
         distinct = values[b, :n, 1:] - values[b, :n, :-1] < -1e-6  # ids are only defined up to exact ties
         assert torch.equal(cached_ids[:, 0], ids[b, :n, 0])
         assert torch.equal(cached_ids[:, 1:][distinct], ids[b, :n, 1:][distinct])
+        # the tail's log-mass is stored in float32, computed from the full distribution at build time
+        assert cached_tail.dtype == torch.float32 and cached_tail.shape == (n,)
+        assert torch.allclose(cached_tail, tails[b, :n], rtol=1e-4, atol=1e-5)
     info = json.loads(cli.run("fairseq_kd.cache", ["info", cache8]).stdout)
-    assert info["size"]["data_bytes_per_target_token"] == 32.0  # k = 8: 8 uint16 ids + 8 fp16 values
-    assert info["size"]["index_bytes_per_example"] < 25  # two .idx files: int32 size + int64 pointer each
+    assert info["size"]["data_bytes_per_target_token"] == 36.0  # k = 8: 8 uint16 ids + 8 fp16 values + fp32 tail
+    assert info["size"]["index_bytes_per_example"] < 37  # three .idx files: int32 size + int64 pointer each
 
 
 def test_resume_after_a_killed_build(prepared, teacher_ckpt, cache8, tmp_path):
     out = str(tmp_path / "resumed")
     cmd = [sys.executable, "-m", "fairseq_kd.cache", "build", "--data", prepared.bin, "--path", teacher_ckpt,
-           "--out-dir", out, "--cpu", "--num-shards", "3", "--no-progress-bar", "--max-tokens", "300"]
+           "--out-dir", out, "--cpu", "--k", "8", "--num-shards", "3", "--no-progress-bar", "--max-tokens", "300"]
     proc = subprocess.Popen(cmd, cwd=cli.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     first = os.path.join(out, "shard000-of-003")
@@ -244,7 +249,7 @@ def test_resume_after_a_killed_build(prepared, teacher_ckpt, cache8, tmp_path):
     # a stale partial shard from an earlier kill is redone, not trusted
     os.makedirs(os.path.join(out, "shard002-of-003.tmp"), exist_ok=True)
     open(os.path.join(out, "shard002-of-003.tmp", "ids.bin"), "wb").write(b"partial")
-    proc = build(prepared, teacher_ckpt, out, "--num-shards", "3", "--max-tokens", "300")
+    proc = build(prepared, teacher_ckpt, out, "--k", "8", "--num-shards", "3", "--max-tokens", "300")
     skipped = re.findall(r"shard (\d) of 3 is complete: skipped", proc.stderr)
     assert sorted(int(s) for s in skipped) == [int(n[5:8]) for n in finished]
     assert os.stat(os.path.join(first, "ids.bin")).st_ino == inode  # the finished shard was not rewritten
@@ -253,7 +258,7 @@ def test_resume_after_a_killed_build(prepared, teacher_ckpt, cache8, tmp_path):
         for name in ("ids.bin", "ids.idx", "lprobs.bin", "lprobs.idx"):
             with open(os.path.join(out, shard, name), "rb") as a, open(os.path.join(cache8, shard, name), "rb") as b:
                 assert a.read() == b.read(), (shard, name)
-    again = build(prepared, teacher_ckpt, out, "--num-shards", "3", "--max-tokens", "300")
+    again = build(prepared, teacher_ckpt, out, "--k", "8", "--num-shards", "3", "--max-tokens", "300")
     assert len(re.findall(r"is complete: skipped", again.stderr)) == 3 and "loaded teacher" not in again.stderr
 
 
@@ -274,7 +279,7 @@ def test_build_refuses_another_teacher_or_k(prepared, teacher_ckpt, cache8, tmp_
     other = str(tmp_path / "other_teacher.pt")
     torch.save(state, other)
     manifest = os.path.join(cache8, "manifest.json")
-    _one_line_error(build(prepared, other, cache8, "--num-shards", "3", "--max-tokens", "300", check=False),
+    _one_line_error(build(prepared, other, cache8, "--k", "8", "--num-shards", "3", "--max-tokens", "300", check=False),
                     manifest, "teacher checkpoint")
     from fairseq_kd.cache.build import build_cache
 

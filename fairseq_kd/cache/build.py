@@ -1,37 +1,10 @@
-"""Building a teacher cache: run the teacher once over a binarized split and
-store its top-k token ids and log-probabilities for every target position.
+"""Building a teacher cache: the teacher run once, teacher-forced on the gold prefixes of a binarized
+split, and its top-k ids, their log-probabilities (float16) and the log of the remaining mass (float32,
+a log-sum-exp over the other tokens) stored per target position, at the criterion's temperature.
 
-The teacher (one checkpoint or a ``:``-separated ensemble, loaded by
-:func:`fairseq_kd.teacher.load_teacher` with its dictionary check) is
-teacher-forced on the gold prefixes of every example, in batches of about
-``max_tokens`` target tokens, exactly as a training step feeds it.  Its
-log-probabilities are softened by ``temperature`` (``log_softmax(lprobs /
-tau)``, what the criterions apply to a live teacher) and the ``k`` largest
-are kept, sorted by decreasing value.
-
-Why the cache holds tempered values instead of temperature-1 ones: the top-k
-ids do not depend on the temperature, but the tail's mass at another
-temperature, ``sum_{v outside} p_v^(1/tau) / Z_tau``, depends on how the tail
-is spread, which the cache does not keep; no re-tempering of stored values
-would be exact.  So the temperature is part of the manifest and a criterion
-with another ``--kd-temperature`` is refused.
-
-On disk (fairseq memory-mapped indexed datasets, one example per item, the
-item of example ``i`` holding its ``T_i * k`` values row-major):
-
-* ``ids``: the token ids, in the smallest unsigned type holding the
-  dictionary (uint16 below 65,536 symbols);
-* ``lprobs``: the log-probabilities in IEEE half precision.  fairseq's dtype
-  codes have no float16, so the half-precision bit patterns are stored as a
-  uint16 dataset (code 8) and read back with ``numpy.frombuffer(...,
-  dtype=float16)``: an exact, bit-preserving round trip.
-
-Examples are cut into ``num_shards`` contiguous shards; ``shard_id`` builds
-one of them (n GPUs or machines each build one into the same directory),
-without it every shard is built in turn.  A shard is written into
-``shardIII-of-NNN.tmp/`` and that directory renamed to ``shardIII-of-NNN/``
-when complete, so a killed build never leaves a partial shard under its
-final name and a restarted one skips the finished shards.
+Shards of contiguous examples are written as fairseq ``mmap`` indexed datasets into
+``shardIII-of-NNN.tmp/`` and renamed when complete, so a restarted build skips the finished ones.
+The layout and its size: docs/teacher_cache.md.
 """
 
 import logging
@@ -73,15 +46,16 @@ class IndexedWriter:
 
 
 def teacher_topk(teacher, net_input, k: int, temperature: float):
-    """``(ids, lprobs)`` ``[B, T, k]``: the teacher's ``k`` most probable tokens on the gold prefixes
-    and their log-probabilities at ``temperature`` (float32), sorted by decreasing value."""
-    from fairseq_kd.losses import log_probs, topk_ids
+    """``(ids, lprobs, tail)``: the teacher's ``k`` most probable tokens on the gold prefixes ``[B, T, k]``,
+    their log-probabilities at ``temperature`` sorted by decreasing value, and the log of the mass of the
+    other tokens ``[B, T]`` (a log-sum-exp over them), all from the float32 (or float64) distribution."""
+    from fairseq_kd.losses.common import log_probs
+    from fairseq_kd.losses.topk import topk_with_tail
 
     lprobs = teacher(net_input)
-    if temperature != 1.0:
+    if temperature != 1.0 or lprobs.dtype in (torch.float16, torch.bfloat16):
         lprobs = log_probs(lprobs, temperature)
-    ids = topk_ids(lprobs, k)  # block maxima: the ids of lprobs.topk(k), by decreasing value
-    return ids, lprobs.gather(-1, ids)
+    return topk_with_tail(lprobs, k)
 
 
 def _batches(dataset, start: int, end: int, max_tokens: int, max_sentences: Optional[int]):
@@ -108,30 +82,33 @@ def build_shard(teacher, dataset, out_dir: str, shard_id: int, num_shards: int, 
     os.makedirs(tmp)
     ids_out = IndexedWriter(os.path.join(tmp, "ids"), ids_dtype)
     values_out = IndexedWriter(os.path.join(tmp, "lprobs"), np.uint16)
+    tail_out = IndexedWriter(os.path.join(tmp, "tail"), np.uint32)
     with tqdm(total=end - start, unit="sent", desc=f"shard {shard_id + 1}/{num_shards}", disable=not progress) as bar:
         for chunk_ids, batches in _batches(dataset, start, end, max_tokens, max_sentences):
             rows = {}
             for batch in batches:
                 sample = dataset.collater([dataset[int(i)] for i in batch])
                 sample = utils.apply_to_sample(lambda t: t.to(device), sample)
-                ids, values = teacher_topk(teacher, sample["net_input"], k, temperature)
-                if torch.isnan(values).any() or torch.isposinf(values).any():
+                ids, values, tail = teacher_topk(teacher, sample["net_input"], k, temperature)
+                if any(torch.isnan(x).any() or torch.isposinf(x).any() for x in (values, tail)):
                     paths = ":".join(getattr(teacher, "paths", [])) or "the teacher"
                     raise DistillationError(
                         f"teacher {paths} produced NaN/inf log-probabilities for examples "
                         f"{sample['id'][:5].tolist()}...: check the teacher checkpoint; shard {shard_id} was not written"
                     )
                 ids, values = ids.cpu().numpy(), values.cpu().half().numpy()
+                tail = tail.cpu().float().numpy()
                 for b, example in enumerate(sample["id"].tolist()):
                     length = int(sample["target"][b].ne(dataset.tgt_dict.pad()).sum())
-                    rows[example] = (ids[b, :length], values[b, :length])
+                    rows[example] = (ids[b, :length], values[b, :length], tail[b, :length])
                 bar.update(len(batch))
             for example in chunk_ids.tolist():
-                ids, values = rows.pop(example)
+                ids, values, tail = rows.pop(example)
                 ids_out.add(ids.astype(ids_dtype))
                 values_out.add(values.view(np.uint16))
-    ids_out.finalize()
-    values_out.finalize()
+                tail_out.add(np.ascontiguousarray(tail).view(np.uint32))
+    for out in (ids_out, values_out, tail_out):
+        out.finalize()
     os.replace(tmp, final)
     logger.info("shard %d of %d: examples %d-%d written to %s", shard_id, num_shards, start, end - 1, final)
 

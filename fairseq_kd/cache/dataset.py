@@ -3,7 +3,7 @@
 :class:`TeacherCache` opens the shards of a cache directory as memory-mapped
 files (fairseq's ``mmap`` index format, see :mod:`fairseq_kd.cache.build`)
 and returns, for example ``i``, its ``[T_i, k]`` ids and float16
-log-probabilities; only the rows asked for are read, so each data-parallel
+log-probabilities and its ``[T_i]`` float32 tail log-masses; only the rows asked for are read, so each data-parallel
 rank touches just its own batches' rows and no process loads the cache into
 memory.  The files are opened lazily and reopened after pickling, so fairseq's
 data-loader workers share the page cache instead of copying arrays.
@@ -13,12 +13,13 @@ every collated batch
 
 * ``teacher_topk_ids`` ``[B, T, k]`` long: the teacher's top-k ids;
 * ``teacher_topk_lprobs`` ``[B, T, k]`` float16: their log-probabilities,
+* ``teacher_topk_tail`` ``[B, T]`` float32: the log of the teacher's mass outside them,
 
 aligned with ``target`` (rows in the batch's order, padded like it; a pad
-position holds the pad id and ``-inf``, i.e. an empty top-k whose tail bucket
-has all the mass).  :class:`CachedTeacher` is what the distillation task hands
+position holds the pad id, ``-inf`` and a tail of ``0``, i.e. an empty top-k
+whose tail bucket has all the mass).  :class:`CachedTeacher` is what the distillation task hands
 to a criterion in place of a live teacher; :class:`TopKTeacher` is the
-``(ids, lprobs)`` pair a criterion gets from it.
+``(ids, lprobs, tail)`` a criterion gets from it.
 """
 
 import logging
@@ -30,12 +31,12 @@ import torch
 from fairseq.data import BaseWrapperDataset
 from torch import Tensor
 
-from fairseq_kd.cache.manifest import missing_shards, read_manifest, shard_dir, shard_range
+from fairseq_kd.cache.manifest import missing_shards, read_current_manifest, shard_dir, shard_range
 from fairseq_kd.errors import DistillationError
 
 logger = logging.getLogger("fairseq_kd.cache")
 
-IDS_KEY, LPROBS_KEY = "teacher_topk_ids", "teacher_topk_lprobs"
+IDS_KEY, LPROBS_KEY, TAIL_KEY = "teacher_topk_ids", "teacher_topk_lprobs", "teacher_topk_tail"
 
 
 class _Shard:
@@ -66,11 +67,11 @@ class _Shard:
 
 
 class TeacherCache:
-    """The cache in ``cache_dir``: ``cache[i] -> (ids [T, k] int64, lprobs [T, k] float16)``."""
+    """The cache in ``cache_dir``: ``cache[i] -> (ids [T, k] int64, lprobs [T, k] float16, tail [T] float32)``."""
 
     def __init__(self, cache_dir: str):
         self.dir = cache_dir
-        self.manifest = read_manifest(cache_dir)
+        self.manifest = read_current_manifest(cache_dir)
         missing = missing_shards(cache_dir, self.manifest)
         n = self.manifest["num_shards"]
         if missing:
@@ -87,22 +88,25 @@ class TeacherCache:
             folder = shard_dir(cache_dir, s, n)
             ids = _Shard(os.path.join(folder, "ids"), self.manifest["ids_dtype"])
             values = _Shard(os.path.join(folder, "lprobs"), np.float16)  # stored as uint16 bit patterns
+            tail = _Shard(os.path.join(folder, "tail"), np.float32)  # stored as uint32 bit patterns
             expected = shard_range(num, n, s)[1] - shard_range(num, n, s)[0]
-            if len(ids.sizes) != expected or not np.array_equal(ids.sizes, values.sizes):
+            if (len(ids.sizes) != expected or not np.array_equal(ids.sizes, values.sizes)
+                    or not np.array_equal(ids.sizes, tail.sizes * self.k)):
                 raise DistillationError(f"{folder} holds {len(ids.sizes)} examples, not {expected}: rebuild it")
-            self.shards.append((ids, values))
-        self.sizes = np.concatenate([ids.sizes for ids, _ in self.shards]) // self.k  # target length per example
+            self.shards.append((ids, values, tail))
+        self.sizes = np.concatenate([tail.sizes for _, _, tail in self.shards])  # target length per example
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def __getitem__(self, i: int):
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        ids, values = self.shards[s]
+        ids, values, tail = self.shards[s]
         j = i - int(self.starts[s])
         return (
             torch.from_numpy(ids[j].astype(np.int64)).view(-1, self.k),
             torch.from_numpy(values[j].copy()).view(-1, self.k),
+            torch.from_numpy(tail[j].copy()),
         )
 
 
@@ -142,29 +146,30 @@ class TeacherCacheDataset(BaseWrapperDataset):
 
     def __getitem__(self, index):
         item = self.dataset[index]
-        ids, values = self.cache[index]
+        ids, values, tail = self.cache[index]
         if ids.size(0) != item["target"].numel():
             raise DistillationError(
                 f"teacher cache {self.cache.dir}: example {index} has {ids.size(0)} cached positions but "
                 f"{item['target'].numel()} target tokens; the cache was built on other data"
             )
-        item[IDS_KEY], item[LPROBS_KEY] = ids, values
+        item[IDS_KEY], item[LPROBS_KEY], item[TAIL_KEY] = ids, values, tail
         return item
 
     def collater(self, samples, **kwargs):
         batch = self.dataset.collater(samples, **kwargs)
         if len(batch) == 0:
             return batch
-        by_id = {s["id"]: (s[IDS_KEY], s[LPROBS_KEY]) for s in samples}
+        by_id = {s["id"]: (s[IDS_KEY], s[LPROBS_KEY], s[TAIL_KEY]) for s in samples}
         bsz, length = batch["target"].shape
         ids = torch.full((bsz, length, self.cache.k), self.pad, dtype=torch.long)
         values = torch.full((bsz, length, self.cache.k), float("-inf"), dtype=torch.float16)
+        tails = torch.zeros((bsz, length), dtype=torch.float32)
         for b, example in enumerate(batch["id"].tolist()):
-            row_ids, row_values = by_id[example]
+            row_ids, row_values, row_tail = by_id[example]
             n = row_ids.size(0)
             at = slice(length - n, length) if self.left_pad_target else slice(0, n)
-            ids[b, at], values[b, at] = row_ids, row_values
-        batch[IDS_KEY], batch[LPROBS_KEY] = ids, values
+            ids[b, at], values[b, at], tails[b, at] = row_ids, row_values, row_tail
+        batch[IDS_KEY], batch[LPROBS_KEY], batch[TAIL_KEY] = ids, values, tails
         return batch
 
 
@@ -173,6 +178,7 @@ class TopKTeacher(NamedTuple):
 
     ids: Tensor  #: [B, T, k] long
     lprobs: Tensor  #: [B, T, k] float16 (normalised over the vocabulary, at the cache's temperature)
+    tail: Tensor  #: [B, T] float32: the log of the teacher's mass outside ``ids``
 
 
 class CachedTeacher:
@@ -188,7 +194,7 @@ class CachedTeacher:
                 f"this batch carries no cached teacher distribution ({IDS_KEY}): --teacher-cache "
                 f"{self.dir} covers the training split only"
             )
-        return TopKTeacher(sample[IDS_KEY], sample[LPROBS_KEY])
+        return TopKTeacher(sample[IDS_KEY], sample[LPROBS_KEY], sample[TAIL_KEY])
 
     def to_like(self, module) -> "CachedTeacher":
         return self

@@ -9,7 +9,7 @@ directory whose manifest differs is refused (its shards would not belong to
 one cache), and so is a cache whose manifest does not match the training run
 (:func:`check_manifest`); each refusal is one line naming the file and the
 first field that differs.  The shard layout: ``DIR/shardIII-of-NNN/`` holds
-``ids.{bin,idx}`` and ``lprobs.{bin,idx}`` for one contiguous range of
+``ids.{bin,idx}``, ``lprobs.{bin,idx}`` and ``tail.{bin,idx}`` for one contiguous range of
 example ids (:func:`shard_range`); it is written as ``shardIII-of-NNN.tmp/``
 and renamed when complete.
 """
@@ -22,14 +22,14 @@ from fairseq_kd.download import sha256_of
 from fairseq_kd.errors import DistillationError
 
 MANIFEST = "manifest.json"
-#: version of the on-disk layout
-FORMAT = 1
+#: version of the on-disk layout (2: the teacher's tail log-mass stored per position)
+FORMAT = 2
 #: dtype of the cached log-probabilities (stored as their uint16 bit patterns)
 VALUES_DTYPE = "float16"
-DEFAULT_K = 8
-
-#: the fields a training run checks, with the option that fixes each
-TRAINING_FIELDS = ("format", "dictionaries", "split", "num_examples", "temperature")
+#: dtype of the cached tail log-masses (stored as their uint32 bit patterns)
+TAIL_DTYPE = "float32"
+#: 7 ids and values plus the tail: 32 bytes per target token below 65,536 symbols
+DEFAULT_K = 7
 
 
 def ids_dtype_name(vocab_size: int) -> str:
@@ -82,6 +82,7 @@ def build_manifest(
         "temperature": float(temperature),
         "ids_dtype": ids_dtype_name(vocab_size),
         "values_dtype": VALUES_DTYPE,
+        "tail_dtype": TAIL_DTYPE,
         "num_shards": int(num_shards),
     }
 
@@ -126,6 +127,18 @@ def read_manifest(cache_dir: str) -> Dict:
             return json.load(f)
     except ValueError as e:
         raise DistillationError(f"{path} is not valid JSON ({e}); rebuild the cache") from None
+
+
+def read_current_manifest(cache_dir: str) -> Dict:
+    """:func:`read_manifest`, refusing a cache of another format version (one line: rebuild it)."""
+    manifest = read_manifest(cache_dir)
+    if manifest.get("format") != FORMAT:
+        raise DistillationError(
+            f"teacher cache {os.path.join(cache_dir, MANIFEST)} has format {manifest.get('format')!r}, this version "
+            f"reads format {FORMAT} (the teacher's tail mass stored at build time): rebuild it with "
+            f"`fairseq-kd-build-cache build --out-dir NEW_DIR ...`"
+        )
+    return manifest
 
 
 def check_manifest(cache_dir: str, manifest: Dict, expected: Dict, fixes: Optional[Dict[str, str]] = None) -> None:

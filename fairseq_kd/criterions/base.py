@@ -38,10 +38,25 @@ from fairseq_kd.cache.dataset import CachedTeacher, TopKTeacher
 from fairseq_kd.errors import DistillationError
 
 
-def wrapped_in_torch_ddp(model) -> bool:
-    """Whether ``model`` is (or wraps) torch's DDP, whose gradient sync separate encoder/decoder calls bypass."""
-    ddp = torch.nn.parallel.DistributedDataParallel
-    return isinstance(model, ddp) or isinstance(getattr(model, "module", None), ddp)
+def bypassed_wrapper(model) -> Optional[str]:
+    """The data-parallel wrapper around ``model`` whose gradient sync runs only through its own forward --
+    torch's DDP (``--ddp-backend pytorch_ddp``/``c10d``) or fairseq's fully sharded one (``fully_sharded``,
+    which also shards the parameters a separate encoder/decoder call would read) -- or None."""
+    for module in (model, getattr(model, "module", None)):
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            return "torch's DistributedDataParallel"
+        if module is not None and type(module).__name__ == "FullyShardedDataParallel":
+            return "FullyShardedDataParallel (--ddp-backend fully_sharded)"
+    return None
+
+
+def check_data_parallel(model, who: str, why: str = "calls the student's encoder and decoder separately") -> None:
+    """The one data-parallel check: refuse a wrapper of :func:`bypassed_wrapper` for ``who``, which ``why``."""
+    wrapper = bypassed_wrapper(model)
+    if wrapper is not None:
+        raise DistillationError(
+            f"{who} {why}, which bypasses the gradient all-reduce of {wrapper}: train with --ddp-backend legacy_ddp"
+        )
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fairseq_kd import losses
 from fairseq_kd.cache.dataset import CachedTeacher
-from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, wrapped_in_torch_ddp
+from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, check_data_parallel
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.losses import next_prefix  # noqa: F401  (re-exported)
 from fairseq_kd.losses.block_max import argmax_ids
@@ -118,11 +118,7 @@ class TieKDCriterion(KDCriterion):
                                                 ranking=self.ranking, log_epsilon=self.log_epsilon)
             argmaxes = [(argmax_ids(student_logits.detach()), topk.ids[..., 0])]
             return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], argmaxes, step)
-        if wrapped_in_torch_ddp(model):
-            raise DistillationError(
-                "tie_kd calls the student's encoder and decoder separately, which bypasses "
-                "DistributedDataParallel's gradient sync: train with --ddp-backend legacy_ddp"
-            )
+        check_data_parallel(model, "tie_kd")
         target, pad, n = sample["target"], self.padding_idx, 0
         kl_sums, rank_sums, argmaxes = [], [], []  # argmaxes: per pass, computed once
         passes = self.decoding_passes(model, sample["net_input"], teacher, argmaxes, step.shared)

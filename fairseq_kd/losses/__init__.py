@@ -165,24 +165,21 @@ __all__ += ["PassBackward"]
 
 # top-k teacher (offline cache): the teacher's k tokens plus one tail bucket
 from fairseq_kd.losses.topk import (  # noqa: E402
-    TAIL_EPSILON,
     bucket_target,
     hierarchical_ranking_topk,
-    log1mexp,
     self_evolution_kd_topk,
     self_evolution_kd_topk_loss,
     student_buckets,
     teacher_buckets,
     tie_kd_topk_terms,
-    topk_agreement,
     topk_divergence,
-    with_tail,
+    topk_with_tail,
     word_kd_topk_loss,
 )
 
 __all__ += [
-    "TAIL_EPSILON", "bucket_target", "hierarchical_ranking_topk", "log1mexp", "self_evolution_kd_topk",
-    "self_evolution_kd_topk_loss", "student_buckets", "teacher_buckets", "tie_kd_topk_terms", "topk_agreement",
-    "topk_divergence", "with_tail", "word_kd_topk_loss",
+    "bucket_target", "hierarchical_ranking_topk", "self_evolution_kd_topk", "self_evolution_kd_topk_loss",
+    "student_buckets", "teacher_buckets", "tie_kd_topk_terms", "topk_divergence", "topk_with_tail",
+    "word_kd_topk_loss",
 ]
 __all__ += ["argmax_ids", "topk_ids"]

@@ -153,6 +153,31 @@ class _PairDivergence(torch.autograd.Function):
         return grad_p, grad_q, None, None, None, None, None, None
 
 
+_RELEASED = "_fairseq_kd_released"
+
+
+class ReleasedTensorError(RuntimeError):
+    """A tensor whose storage a divergence took over (``overwrite_p``) was read again."""
+
+
+def release(t: Tensor) -> None:
+    """Mark ``t`` as holding a gradient factor, not its values: any later read by these functions fails."""
+    setattr(t, _RELEASED, True)
+
+
+def check_not_released(*tensors: Optional[Tensor]) -> None:
+    """Refuse a tensor (or a view of one) marked by :func:`release`: its storage no longer holds its values."""
+    for t in tensors:
+        if t is None:
+            continue
+        if getattr(t, _RELEASED, False) or getattr(getattr(t, "_base", None), _RELEASED, False):
+            raise ReleasedTensorError(
+                "this tensor was released by a divergence computed with overwrite_p/release_teacher (its storage "
+                "now holds a gradient factor): read the teacher's log-probabilities before that call, or pass "
+                "release_teacher=False"
+            )
+
+
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.size(-1))
 
@@ -184,6 +209,7 @@ def pair_divergence(
     """
     if kind not in ("kl", "kl_finite", "floored"):
         raise ValueError(f"unknown pair divergence {kind!r}")
+    check_not_released(log_p, log_q)
     flat_mask = mask.reshape(-1)
     overwrite_p = (overwrite_p and kind in ("kl", "floored") and torch.is_grad_enabled() and log_q.requires_grad
                    and not log_p.requires_grad and log_p.is_contiguous())
@@ -191,6 +217,8 @@ def pair_divergence(
         log_p, log_q, None if rows is not None else flat_mask, rows, kind, log_epsilon,
         chunk_rows(log_p.size(-1)), overwrite_p,
     )
+    if overwrite_p:
+        release(log_p)
     return out.view(mask.shape)
 
 
@@ -254,8 +282,61 @@ def chunked_rows(
     while no full-size temporary of ``fn`` is ever held.  ``rows`` restricts the
     work to those flattened positions (all inside ``mask``).
     """
+    check_not_released(*tensors)
     lead = mask.dim()
     flat = [t.reshape(-1, *t.shape[lead:]) for t in tensors]
     vocab = max((t.size(-1) for t in tensors if t.dim() > lead), default=1)
     out = _ChunkedRows.apply(fn, chunk_rows(vocab), None if rows is not None else mask.reshape(-1), rows, *flat)
     return out.view(mask.shape)
+
+
+
+def _tail_rows(lprobs: Tensor, ids: Tensor) -> Tensor:
+    """``logsumexp`` of one chunk's rows over the entries outside ``ids`` (those set to ``-inf`` in a copy)."""
+    return lprobs.scatter(-1, ids, -math.inf).logsumexp(dim=-1)
+
+
+#: the floor of a tail bucket's log-mass (exp(-80) ~ 1.8e-35, above float32's smallest normal): an empty
+#: tail (ids covering the vocabulary) stays finite, so no divergence meets ``-inf - -inf``; below it the
+#: tail receives no gradient
+TAIL_FLOOR = -80.0
+
+
+class _Buckets(torch.autograd.Function):
+    """``[N, k + 1]``: rows of ``lprobs`` ``[N, V]`` at ``ids`` ``[N, k]``, then the log of their mass
+    outside ``ids``, chunk by chunk.  Backward builds one ``[N, V]`` gradient (as a gather's backward
+    does): ``g_tail * exp(lprobs_v - tail)`` outside ``ids`` (zero on a row whose tail is empty), plus
+    the top-k gradients added at ``ids``."""
+
+    @staticmethod
+    def forward(ctx, lprobs, ids, chunk):
+        out = lprobs.new_empty(lprobs.size(0), ids.size(-1) + 1)
+        with torch.no_grad():
+            out[:, :-1] = lprobs.gather(-1, ids)
+            for sel in _chunks(lprobs.size(0), chunk, None):
+                out[sel, -1] = _tail_rows(lprobs[sel], ids[sel]).clamp_(min=TAIL_FLOOR)
+        ctx.save_for_backward(lprobs, ids, out[:, -1])
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lprobs, ids, tail = ctx.saved_tensors
+        grad = torch.empty_like(lprobs, memory_format=torch.contiguous_format)
+        for sel in _chunks(lprobs.size(0), ctx.chunk, None):
+            rows, g = tail[sel].unsqueeze(-1), grad_out[sel]
+            weights = (lprobs[sel] - rows).exp_().scatter_(-1, ids[sel], 0.0)
+            weights.masked_fill_(rows <= TAIL_FLOOR, 0.0)  # an empty (floored) tail: no entry receives its gradient
+            grad[sel] = weights.mul_(g[:, -1:]).scatter_add_(-1, ids[sel], g[:, :-1])
+        return grad, None, None
+
+
+def bucket_log_probs(lprobs: Tensor, ids: Tensor) -> Tensor:
+    """``[..., k + 1]``: ``lprobs`` ``[..., V]`` at the ids ``[..., k]``, then the log of the mass outside
+    them, a log-sum-exp over those entries in chunks of positions: exact to float rounding however small
+    the tail (``1 - sum`` of the top-k cancels below about ``1e-5`` in float32); ``-inf`` when the ids
+    cover the vocabulary (floored at ``TAIL_FLOOR``)."""
+    check_not_released(lprobs)
+    flat_ids = ids.reshape(-1, ids.size(-1))
+    out = _Buckets.apply(_flat(lprobs), flat_ids, chunk_rows(lprobs.size(-1)))
+    return out.view(*ids.shape[:-1], ids.size(-1) + 1)

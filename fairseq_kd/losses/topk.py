@@ -1,44 +1,18 @@
-"""The teacher's distribution from its top-k tokens plus one tail bucket.
+"""The teacher's distribution from its top-k tokens plus one tail bucket (the offline cache's form).
 
-An offline teacher cache stores, per target position, the teacher's ``k``
-most probable token ids (``ids`` ``[B, T, k]``, sorted by decreasing
-probability) and their log-probabilities (``topk_lprobs`` ``[B, T, k]``,
-normalised over the whole vocabulary, fp16 on disk).  The teacher is then
-known exactly on the partition of the vocabulary into ``k + 1`` buckets: each
-of its top-k tokens, and the tail (every other token), whose mass is
-``1 - sum_j p_t(id_j)``.  The student's distribution is projected on the same
-partition (:func:`student_buckets`: its log-probabilities at the ``k`` ids and
-the log of its remaining mass), and every divergence of
-:mod:`fairseq_kd.losses` is taken between these two ``k + 1``-bucket
-distributions.
-
-Why the tail bucket rather than renormalising over the ``k`` (pytorch_translate's
-form): the bucketed teacher keeps its true probabilities, so on a confident
-position the loss is the full-vocabulary loss up to the tail's inner shape, and
-a flat teacher (large tail) still tells the student how much mass to leave
-outside the top-k; renormalising would push the student to put all its mass on
-the ``k`` ids (an over-confident target) and cannot express the reverse KL or
-skew divergences, which need the teacher's density where the student puts
-mass.  Grouping outcomes never increases an f-divergence, so each bucketed
-divergence is a lower bound of the full one, equal to it when the tail is
-empty.  For the forward KL the gradient on the student's logits is exactly the
-full one, ``p_s(v) - p_t(v)``, at the teacher's top-k tokens, and
-``p_s(v) * (1 - tail_t / tail_s)`` on a tail token: the teacher's tail mass is
-spread like the student's own tail.  Self-Evolution's gold one-hot is projected in the same way: the
-gold token's bucket is its position among the ids, or the tail
-(:func:`bucket_target`).
-
-Everything is torch only; the student side keeps one ``[B, T, V]`` tensor
-(its log-softmax, shared with the NLL).
+Teacher and student are both seen on ``k + 1`` buckets: the teacher's top-k ids and the tail (every
+other token), whose log-mass the cache stores (computed in float32 at build time); the student's tail is
+a chunked log-sum-exp over its tail entries.  Every divergence is taken between these two bucketed
+distributions; docs/teacher_cache.md says why a tail bucket rather than renormalising.
 """
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from fairseq_kd.losses.block_max import argmax_ids
+from fairseq_kd.losses.block_max import topk_ids
+from fairseq_kd.losses.chunked import TAIL_FLOOR, bucket_log_probs
 from fairseq_kd.losses.common import log_probs, nll_from_log_probs, non_pad_mask
 from fairseq_kd.losses.divergences import divergence_from_log_probs, kl_from_log_probs
 from fairseq_kd.losses.ranking import floored_kl_from_probs
@@ -50,38 +24,31 @@ from fairseq_kd.losses.self_evolution import (
     sekd_ratios,
 )
 
-#: the top-k mass is capped at ``1 - TAIL_EPSILON`` (fp32's epsilon) before the
-#: tail's log is taken: fp16 rounding of the cached values can make their sum
-#: exceed 1, and a student sure of its top-k would give ``log 0``
-TAIL_EPSILON = 2.0**-23
-
-
-def log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x < 0`` (Maechler's stable branches), ``x``
-    capped at ``log(1 - TAIL_EPSILON)``."""
-    x = x.clamp(max=math.log1p(-TAIL_EPSILON))
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def with_tail(top_lprobs: Tensor) -> Tensor:
-    """``[..., k]`` log-probabilities of k tokens -> ``[..., k + 1]`` with the
-    log of the remaining mass appended as the last bucket."""
-    tail = log1mexp(torch.logsumexp(top_lprobs, dim=-1, keepdim=True))
-    return torch.cat([top_lprobs, tail], dim=-1)
-
-
-def teacher_buckets(topk_lprobs: Tensor) -> Tensor:
-    """The cached teacher as a float32 (float64 stays) ``[B, T, k + 1]`` log-distribution."""
+def teacher_buckets(topk_lprobs: Tensor, tail: Tensor) -> Tensor:
+    """The cached teacher as a float32 (float64 stays) ``[B, T, k + 1]`` log-distribution: its top-k
+    log-probabilities and its tail's log-mass ``[B, T]`` (computed in float32 when the cache was built)."""
     if topk_lprobs.dtype in (torch.float16, torch.bfloat16):
         topk_lprobs = topk_lprobs.float()
-    return with_tail(topk_lprobs)
+    tail = tail.to(topk_lprobs.dtype).clamp(min=TAIL_FLOOR).unsqueeze(-1)  # an empty tail stays finite
+    return torch.cat([topk_lprobs, tail], dim=-1)
+
+
+def topk_with_tail(lprobs: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(ids [..., k], values [..., k], tail [...])`` of log-probabilities ``[..., V]``: the ``k`` largest
+    (by decreasing value, :func:`~fairseq_kd.losses.block_max.topk_ids`) and the log of the mass outside
+    them (a log-sum-exp over the rest, :func:`~fairseq_kd.losses.chunked.bucket_log_probs`)."""
+    with torch.no_grad():
+        ids = topk_ids(lprobs, k)
+        buckets = bucket_log_probs(lprobs, ids)
+    return ids, buckets[..., :-1], buckets[..., -1]
 
 
 def student_buckets(student_lprobs: Tensor, ids: Tensor) -> Tensor:
     """The student's ``[B, T, V]`` log-probabilities projected on the teacher's
     buckets: ``[B, T, k + 1]`` (its log-probabilities at ``ids``, then the log
-    of its mass elsewhere); gradients flow into ``student_lprobs``."""
-    return with_tail(student_lprobs.gather(-1, ids))
+    of its mass elsewhere, :func:`~fairseq_kd.losses.chunked.bucket_log_probs`); gradients flow into
+    ``student_lprobs``."""
+    return bucket_log_probs(student_lprobs, ids)
 
 
 def bucket_target(target: Tensor, ids: Tensor) -> Tensor:
@@ -94,7 +61,7 @@ def bucket_target(target: Tensor, ids: Tensor) -> Tensor:
 
 
 def topk_divergence(
-    student_lprobs: Tensor, ids: Tensor, topk_lprobs: Tensor, mask: Tensor,
+    student_lprobs: Tensor, ids: Tensor, topk_lprobs: Tensor, tail: Tensor, mask: Tensor,
     divergence: str = "kl", skew_lambda: float = 0.1,
 ) -> Tensor:
     """Per-position ``[B, T]`` divergence (:data:`~fairseq_kd.losses.DIVERGENCES`)
@@ -102,20 +69,15 @@ def topk_divergence(
     is False).  ``student_lprobs`` are already softened by the cache's
     temperature; the cached values were computed at it."""
     return divergence_from_log_probs(
-        student_buckets(student_lprobs, ids), teacher_buckets(topk_lprobs), mask, divergence, skew_lambda
+        student_buckets(student_lprobs, ids), teacher_buckets(topk_lprobs, tail), mask, divergence, skew_lambda
     )
-
-
-def topk_agreement(student_logits: Tensor, ids: Tensor, target: Tensor, padding_idx: int) -> Tensor:
-    """Number of non-pad positions where the student's argmax is the teacher's (``ids[..., 0]``)."""
-    same = argmax_ids(student_logits).eq(ids[..., 0])
-    return (same & non_pad_mask(target, padding_idx)).sum()
 
 
 def word_kd_topk_loss(
     student_logits: Tensor,
     ids: Tensor,
     topk_lprobs: Tensor,
+    tail: Tensor,
     target: Tensor,
     padding_idx: int,
     epsilon: float,
@@ -132,7 +94,7 @@ def word_kd_topk_loss(
     ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
     soft = student_lprobs if temperature == 1.0 else log_probs(student_logits, temperature)
     mask = non_pad_mask(target, padding_idx)
-    kd_loss = topk_divergence(soft, ids, topk_lprobs, mask, divergence, skew_lambda).sum()
+    kd_loss = topk_divergence(soft, ids, topk_lprobs, tail, mask, divergence, skew_lambda).sum()
     scale = temperature**2 if temperature_scale else 1.0
     return (1.0 - alpha) * ls_loss + alpha * scale * kd_loss, nll_loss, kd_loss
 
@@ -141,6 +103,7 @@ def self_evolution_kd_topk(
     student_lprobs: Tensor,
     ids: Tensor,
     topk_lprobs: Tensor,
+    tail: Tensor,
     target: Tensor,
     mask: Tensor,
     gt_weight: float = 0.5,
@@ -158,7 +121,7 @@ def self_evolution_kd_topk(
     the ``k + 1`` buckets (the gold token's bucket is :func:`bucket_target`).
     ``student_lprobs`` are the student's tempered ``[B, T, V]`` log-probabilities."""
     student = student_buckets(student_lprobs, ids)
-    teacher = teacher_buckets(topk_lprobs).detach()
+    teacher = teacher_buckets(topk_lprobs, tail).detach()
     gold = bucket_target(target, ids)
     with torch.no_grad():
         prior = gold_teacher_log_mixture(teacher, gold, gt_weight)
@@ -173,6 +136,7 @@ def self_evolution_kd_topk_loss(
     student_logits: Tensor,
     ids: Tensor,
     topk_lprobs: Tensor,
+    tail: Tensor,
     target: Tensor,
     padding_idx: int,
     epsilon: float,
@@ -188,7 +152,7 @@ def self_evolution_kd_topk_loss(
     ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
     soft = student_lprobs if temperature == 1.0 else log_probs(student_logits, temperature)
     mask = non_pad_mask(target, padding_idx)
-    terms = self_evolution_kd_topk(soft, ids, topk_lprobs, target, mask, **sekd_options)
+    terms = self_evolution_kd_topk(soft, ids, topk_lprobs, tail, target, mask, **sekd_options)
     scale = temperature**2 if temperature_scale else 1.0
     loss = (1.0 - alpha) * ls_loss + alpha * scale * terms.kd_loss
     if nll_weight != 0.0:
@@ -225,6 +189,7 @@ def tie_kd_topk_terms(
     student_logits: Tensor,
     ids: Tensor,
     topk_lprobs: Tensor,
+    tail: Tensor,
     target: Tensor,
     padding_idx: int,
     topk: int = 5,
@@ -237,7 +202,7 @@ def tie_kd_topk_terms(
     ``log_epsilon == 0``); the ranking loss is exact (:func:`hierarchical_ranking_topk`)."""
     mask = non_pad_mask(target, padding_idx)
     student_lprobs = log_probs(student_logits)
-    student, teacher = student_buckets(student_lprobs, ids), teacher_buckets(topk_lprobs)
+    student, teacher = student_buckets(student_lprobs, ids), teacher_buckets(topk_lprobs, tail)
     if log_epsilon == 0.0:
         kl = kl_from_log_probs(student, teacher, mask)
     else:

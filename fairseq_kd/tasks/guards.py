@@ -34,20 +34,16 @@ import logging
 import os
 from typing import Dict
 
-from fairseq_kd.criterions.base import wrapped_in_torch_ddp
+from fairseq_kd.criterions import base
 from fairseq_kd.errors import DistillationError
 
 logger = logging.getLogger(__name__)
 
 
 def check_data_parallel(criterion, model) -> None:
-    """Refuse torch's DDP for a criterion that bypasses its forward."""
-    if getattr(criterion, "calls_model_parts", False) and wrapped_in_torch_ddp(model):
-        name = type(criterion).__name__
-        raise DistillationError(
-            f"{name} calls the student's encoder and decoder separately, which bypasses the gradient "
-            f"all-reduce of torch's DistributedDataParallel: train with --ddp-backend legacy_ddp"
-        )
+    """Refuse a bypassed data-parallel wrapper for a criterion that calls the model's parts."""
+    if getattr(criterion, "calls_model_parts", False):
+        base.check_data_parallel(model, type(criterion).__name__)
 
 
 def check_teacher_output(teacher, sample, update_num: int) -> None:

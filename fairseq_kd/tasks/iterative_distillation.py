@@ -66,7 +66,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import load_langpair_dataset
 from torch import Tensor
 
-from fairseq_kd.criterions.base import wrapped_in_torch_ddp
+from fairseq_kd.criterions.base import check_data_parallel
 from fairseq_kd.data.mixed_source import (
     MixedSourceDataset,
     select_rows,
@@ -343,12 +343,8 @@ class IterativeDistillationTask(DistillationTranslationTask):
         if "has_reference" not in sample:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         guards.check_data_parallel(criterion, model)
-        if wrapped_in_torch_ddp(model):
-            raise DistillationError(
-                "iterative_distillation runs the student twice per batch (bitext and source-only "
-                "rows), which torch's DistributedDataParallel cannot sync: train with "
-                "--ddp-backend legacy_ddp"
-            )
+        check_data_parallel(model, "iterative_distillation",
+                            "runs the student twice per batch (bitext and source-only rows)")
         model.train()
         model.set_num_updates(update_num)
         kwargs = self.criterion_kwargs(criterion, model)
