@@ -16,7 +16,9 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
-    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]),
+    # user_dir/ (the --user-dir of fairseq's tools) is also installed, as fairseq_kd_user_dir
+    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]) + ["fairseq_kd_user_dir"],
+    package_dir={"fairseq_kd_user_dir": "user_dir"},
     install_requires=[
         # torch is a requirement, but install the build you want first
         # (README: `pip install torch==2.13.0`); any torch >= 1.13 satisfies this.

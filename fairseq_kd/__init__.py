@@ -1,16 +1,15 @@
 """fairseq-kd: knowledge distillation for fairseq translation models.
 
-Importing the package registers its tasks and criterions with fairseq and
-allow-lists the classes fairseq checkpoints hold for ``torch.load``'s
-``weights_only`` mode (see :mod:`fairseq_kd.checkpoints`).
+Importing the package defines names only (no fairseq import, nothing registered or patched);
+:func:`register`, which ``--user-dir user_dir`` calls, plugs it into fairseq (docs/architecture.md).
 """
 
 __version__ = "0.1.0"
 
-from fairseq_kd.checkpoints import install_fairseq_loader, install_safe_globals
 
-install_safe_globals()
-install_fairseq_loader()
+def register() -> None:
+    """Register the criterions and tasks with fairseq and install the safe checkpoint loader and the
+    trainer hooks (:func:`fairseq_kd.plugin.register`); idempotent."""
+    from fairseq_kd import plugin
 
-import fairseq_kd.criterions  # noqa: E402,F401  (registers the criterions)
-import fairseq_kd.tasks  # noqa: E402,F401  (registers the tasks)
+    plugin.register()

@@ -12,10 +12,10 @@ that fairseq's own checkpoints hold:
   the concrete dtype classes of numpy >= 1.25): the BLEU n-gram statistics that
   ``--eval-bleu`` logs as meters and that land in ``extra_state["metrics"]``.
 
-:func:`install_safe_globals` is called when :mod:`fairseq_kd` is imported,
-so ``--user-dir user_dir`` makes ``fairseq-train``/``fairseq-generate``
+:func:`install_safe_globals` is called by :func:`fairseq_kd.register` (which
+``--user-dir user_dir`` runs), so ``fairseq-train``/``fairseq-generate``
 (which call ``torch.load`` with the default ``weights_only``) load fairseq
-checkpoints.  On torch < 2.6 the default is the unrestricted unpickler and
+checkpoints; every loader here calls it too.  On torch < 2.6 the default is the unrestricted unpickler and
 nothing needs to be done.
 
 :func:`average_checkpoints` averages the parameters of the last N interval
@@ -29,16 +29,16 @@ TIE-KD recipe evaluates students that way.  Its command line is
 
 Every loader of the project (:func:`load_checkpoint_state`,
 :func:`average_checkpoints`, and fairseq's own ``load_checkpoint_to_cpu``,
-which :func:`install_fairseq_loader` wraps when :mod:`fairseq_kd` is imported,
-so ``fairseq-train``'s resume and ``fairseq-generate --user-dir`` go through
-it) passes ``weights_only=True`` explicitly -- torch >= 1.13, the oldest
+which :func:`install_checkpoint_loader` wraps, called by
+:func:`load_checkpoint_state` and by :func:`fairseq_kd.register`, so
+``fairseq-train``'s resume and ``fairseq-generate --user-dir`` go through it) passes ``weights_only=True`` explicitly -- torch >= 1.13, the oldest
 version ``setup.py`` accepts, supports it, and torch < 2.6 would otherwise
 unpickle anything -- and refuses to load while torch's environment override
 of that safety (:data:`UNSAFE_LOAD_VARIABLE`) is set.  A truncated file, a
 text file or any other unreadable checkpoint stops with one line naming the
 file instead of a zip or unpickler traceback.
 
-The same wrapper lets a task keep training state that fairseq would not
+:func:`install_trainer_hooks` (called by :func:`fairseq_kd.register` only) lets a task keep training state that fairseq would not
 restore on resume: fairseq saves ``task.state_dict()`` as the checkpoint's
 ``task_state`` but never hands it back to the trainer's task; the wrapped
 ``Trainer.load_checkpoint`` passes it to ``task.load_training_state`` when the
@@ -57,9 +57,11 @@ import torch
 from tqdm import tqdm
 
 from fairseq_kd.errors import DistillationError, exit_on_error
+from fairseq_kd.hashing import dictionary_hashes
 
 __all__ = [
-    "SAFE_GLOBALS", "UNSAFE_LOAD_VARIABLE", "install_safe_globals", "install_fairseq_loader",
+    "SAFE_GLOBALS", "UNSAFE_LOAD_VARIABLE", "install_safe_globals", "install_checkpoint_loader",
+    "install_trainer_hooks",
     "load_checkpoint_state", "refuse_unsafe_override", "safe_torch_load",
     "last_checkpoints", "average_checkpoints", "main_average",
 ]
@@ -159,12 +161,12 @@ def _original(function):
     return getattr(function, "__wrapped__", function)
 
 
-def install_fairseq_loader() -> None:
+def install_checkpoint_loader() -> None:
     """Wrap fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` (override refused, one-line errors,
-    explicit ``weights_only``) and ``Trainer.load_checkpoint`` (hands the checkpoint's ``task_state`` to
-    ``task.load_training_state``) and ``Trainer.state_dict`` (records the dictionaries' sha256); idempotent."""
-    from fairseq import checkpoint_utils, trainer
+    explicit ``weights_only``); idempotent."""
+    from fairseq import checkpoint_utils
 
+    install_safe_globals()
     if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_fairseq_kd", False):
         return
     original_load = _original(checkpoint_utils.load_checkpoint_to_cpu)
@@ -187,6 +189,16 @@ def install_fairseq_loader() -> None:
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
     checkpoint_utils.torch = _WeightsOnlyTorch()
 
+
+def install_trainer_hooks() -> None:
+    """Wrap fairseq's ``Trainer.load_checkpoint`` (hands the checkpoint's ``task_state`` to
+    ``task.load_training_state``) and ``Trainer.state_dict`` (records the dictionaries' sha256); idempotent.
+    Installs :func:`install_checkpoint_loader` first (the resume reads the state it captures)."""
+    from fairseq import trainer
+
+    install_checkpoint_loader()
+    if getattr(trainer.Trainer.load_checkpoint, "_fairseq_kd", False):
+        return
     original_trainer_load = _original(trainer.Trainer.load_checkpoint)
 
     @functools.wraps(original_trainer_load)
@@ -203,6 +215,7 @@ def install_fairseq_loader() -> None:
             restore(state.get("task_state") or {}, self.get_criterion())
         return extra_state
 
+    load_checkpoint._fairseq_kd = True
     trainer.Trainer.load_checkpoint = load_checkpoint
 
     original_state_dict = _original(trainer.Trainer.state_dict)
@@ -216,9 +229,8 @@ def install_fairseq_loader() -> None:
         cfg = getattr(self.task, "cfg", None)
         if isinstance(task_state, dict) and "dictionary_sha256" not in task_state and \
                 all(getattr(cfg, k, None) for k in ("data", "source_lang", "target_lang")):
-            from fairseq_kd.tasks.guards import dictionary_hashes
-
-            state["task_state"] = dict(task_state, dictionary_sha256=dictionary_hashes(self.task))
+            hashes = dictionary_hashes(cfg.data, (cfg.source_lang, cfg.target_lang))
+            state["task_state"] = dict(task_state, dictionary_sha256=hashes)
         return state
 
     trainer.Trainer.state_dict = state_dict
@@ -229,7 +241,7 @@ def load_checkpoint_state(path: str):
     config into an ``omegaconf`` object) on top of the safe loader."""
     from fairseq import checkpoint_utils
 
-    install_fairseq_loader()
+    install_checkpoint_loader()
     if not os.path.isfile(path):
         raise DistillationError(f"checkpoint {path} not found; check the path")
     return checkpoint_utils.load_checkpoint_to_cpu(path)

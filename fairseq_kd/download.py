@@ -13,7 +13,7 @@ Every corpus builder fetches its files through this module:
   in place is not downloaded again but verified against its pin, and its
   sha256 is remembered in ``NAME.sha256`` so that an unpinned re-run does not
   hash it again.
-* :func:`read_manifest` / :func:`write_manifest` read and write pins in
+* :func:`read_checksums` / :func:`write_checksums` read and write pins in
   ``sha256sum`` format (``HEX  NAME`` per line).
 
 A mismatch is a :class:`~fairseq_kd.errors.DistillationError` naming the
@@ -21,7 +21,6 @@ file, both digests, where the pin comes from and the fix.
 """
 
 import gzip
-import hashlib
 import os
 import re
 import shlex
@@ -29,29 +28,14 @@ import subprocess
 import urllib.request
 from typing import Callable, Dict, List, Optional
 
-from tqdm import tqdm
-
 from fairseq_kd.errors import DistillationError
-
-
-def sha256_of(path: str) -> str:
-    """The hex sha256 of ``path`` (with a progress bar for files of 64 MiB and more)."""
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"sha256 {os.path.basename(path)}",
-        leave=False, disable=size < (64 << 20),
-    ) as bar:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
+from fairseq_kd.hashing import sha256_of
 
 
 # ---- manifests ---------------------------------------------------------------------------------
 
 
-def read_manifest(path: str) -> Dict[str, str]:
+def read_checksums(path: str) -> Dict[str, str]:
     """``{file name: sha256}`` from a ``sha256sum``-style file (``HEX  NAME``; ``#`` comments)."""
     if not os.path.isfile(path):
         raise DistillationError(f"checksum manifest {path} not found; pass a file of 'SHA256  ARCHIVE' lines")
@@ -70,7 +54,7 @@ def read_manifest(path: str) -> Dict[str, str]:
     return pins
 
 
-def write_manifest(path: str, digests: Dict[str, str]) -> None:
+def write_checksums(path: str, digests: Dict[str, str]) -> None:
     """Write ``{file name: sha256}`` to ``path`` in ``sha256sum`` format (sorted by name)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -7,14 +7,16 @@
   teacher translation holding a lone ``\\r``) becomes a space, so that every
   reader -- fairseq-preprocess splits on ``\\r`` too -- sees one line per item
   and line counts stay true;
+* :func:`read_json_manifest`: a manifest's JSON, one-line errors when missing or not JSON;
 * :func:`count_lines`: ``wc -l``.
 """
 
 import gzip
+import json
 import logging
 import os
 import uuid
-from typing import Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 from fairseq_kd.errors import DistillationError
 
@@ -30,7 +32,9 @@ def unique_tmp(path: str) -> str:
 
 def read_text_lines(path: str, limit: Optional[int] = None) -> Iterator[str]:
     """The lines of a UTF-8 text file (transparently gunzipped) without their newline; a byte-order mark
-    at the start is dropped.  Invalid UTF-8 raises :class:`DistillationError` naming the file and line."""
+    at the start is dropped.  A missing file or invalid UTF-8 raises :class:`DistillationError` naming the file and line."""
+    if not os.path.isfile(path):
+        raise DistillationError(f"{path} not found; check the path")
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         for i, raw in enumerate(f):
@@ -46,6 +50,18 @@ def read_text_lines(path: str, limit: Optional[int] = None) -> Iterator[str]:
             if i == 0 and line.startswith(BOM):
                 line = line[len(BOM):]
             yield line.rstrip("\n").rstrip("\r") if line.endswith("\n") else line
+
+
+def read_json_manifest(path: str, missing: str, invalid: str) -> Dict:
+    """The JSON object of a manifest file (a teacher cache's, a decode's); one-line errors naming ``path``:
+    ``missing`` ends the message of a missing file, ``invalid`` that of a file that is not JSON."""
+    if not os.path.isfile(path):
+        raise DistillationError(f"{path} not found{missing}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise DistillationError(f"{path} is not valid JSON ({e}); {invalid}") from None
 
 
 def clean_line(line: str) -> str:

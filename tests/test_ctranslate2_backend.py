@@ -50,7 +50,8 @@ def conversions(ckpt):
 
 
 def test_ctranslate2_output_matches_fairseq_backend(prepared, teacher_copy, tmp_path):
-    from fairseq_kd.decoding.ctranslate2_backend import converted_dir, file_sha256
+    from fairseq_kd.decoding.ctranslate2_backend import converted_dir
+    from fairseq_kd.hashing import sha256_of
 
     ref = decode(prepared, teacher_copy, str(tmp_path / "fairseq"))
     ct2 = decode(prepared, teacher_copy, str(tmp_path / "ct2"), "--backend", "ctranslate2",
@@ -67,7 +68,7 @@ def test_ctranslate2_output_matches_fairseq_backend(prepared, teacher_copy, tmp_
     assert nbest_equal >= 0.8 * len(ref), f"only {nbest_equal}/{len(ref)} 2-best lists identical"
 
     # the conversion is cached next to the checkpoint, keyed by its sha256
-    sha = file_sha256(teacher_copy)
+    sha = sha256_of(teacher_copy)
     assert conversions(teacher_copy) == [os.path.basename(converted_dir(teacher_copy, sha))]
     with open(os.path.join(converted_dir(teacher_copy, sha), "fairseq_kd_source.json")) as f:
         assert json.load(f)["sha256"] == sha
@@ -81,10 +82,11 @@ def test_ctranslate2_output_matches_fairseq_backend(prepared, teacher_copy, tmp_
 
 
 def test_conversion_reused_and_rebuilt_when_stale(prepared, teacher_copy, tmp_path):
-    from fairseq_kd.decoding.ctranslate2_backend import converted_dir, file_sha256
+    from fairseq_kd.decoding.ctranslate2_backend import converted_dir
+    from fairseq_kd.hashing import sha256_of
 
     decode(prepared, teacher_copy, str(tmp_path / "a"), "--backend", "ctranslate2", "--ct2-compute-type", "int8")
-    first = converted_dir(teacher_copy, file_sha256(teacher_copy))
+    first = converted_dir(teacher_copy, sha256_of(teacher_copy))
     stamp = os.stat(os.path.join(first, "model.bin")).st_mtime_ns
     decode(prepared, teacher_copy, str(tmp_path / "b"), "--backend", "ctranslate2")
     assert os.stat(os.path.join(first, "model.bin")).st_mtime_ns == stamp  # reused, not rebuilt
@@ -98,7 +100,7 @@ def test_conversion_reused_and_rebuilt_when_stale(prepared, teacher_copy, tmp_pa
     state = torch.load(teacher_copy, map_location="cpu")
     state["extra_state"] = dict(state.get("extra_state") or {}, note="retrained")
     torch.save(state, teacher_copy)
-    second = converted_dir(teacher_copy, file_sha256(teacher_copy))
+    second = converted_dir(teacher_copy, sha256_of(teacher_copy))
     assert second != first
     out = decode(prepared, teacher_copy, str(tmp_path / "c"), "--backend", "ctranslate2")
     assert len(out) == 50

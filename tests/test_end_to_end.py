@@ -17,7 +17,6 @@ import sys
 import pytest
 import torch
 
-import fairseq_kd
 from fairseq_kd import scoring
 from tests import cli
 
@@ -75,13 +74,27 @@ def test_generate_reads_fairseqs_own_checkpoint(prepared, teacher_ckpt):
     assert len(re.findall(r"^D-\d+\t", gen.stdout, flags=re.M)) == 50
 
 
-def test_user_dir_can_be_the_installed_package(prepared, teacher_ckpt):
-    package_dir = os.path.dirname(fairseq_kd.__file__)
-    gen = cli.run(
-        "fairseq_cli.generate",
-        [prepared.bin, "--user-dir", package_dir, "--path", teacher_ckpt, "--gen-subset", "test",
-         "--beam", "1", "--cpu", "--max-len-b", "5", *cli.GENERATE_BATCHING],
+def test_user_dir_can_be_the_installed_copy(prepared, teacher_ckpt, tmp_path):
+    # a real (not editable) install: setup.py installs user_dir/ as the package fairseq_kd_user_dir
+    source, site = tmp_path / "source", str(tmp_path / "site")
+    source.mkdir()
+    for name in ("setup.py", "README.md", "fairseq_kd", "user_dir"):  # what the package is built from
+        copy = shutil.copytree if os.path.isdir(os.path.join(cli.REPO, name)) else shutil.copy
+        copy(os.path.join(cli.REPO, name), source / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", site, str(source)], check=True, capture_output=True, timeout=600)
+    env = dict(os.environ, PYTHONPATH=site, OMP_NUM_THREADS="1")
+    where = subprocess.run([sys.executable, "-c", "import fairseq_kd, fairseq_kd_user_dir as u; "
+                            "print(fairseq_kd.__file__); print(u.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=str(tmp_path), check=True).stdout.split()
+    assert all(path.startswith(site) for path in where), where
+    user_dir = os.path.dirname(where[1])
+    gen = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.generate", prepared.bin, "--user-dir", user_dir, "--path", teacher_ckpt,
+         "--gen-subset", "test", "--beam", "1", "--cpu", "--max-len-b", "5", *cli.GENERATE_BATCHING],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600,
     )
+    assert gen.returncode == 0, gen.stderr[-3000:]
     assert len(re.findall(r"^H-\d+\t", gen.stdout, flags=re.M)) == 50
 
 

@@ -378,6 +378,10 @@ def textio_sha256(path):
 def test_every_loader_refuses_the_unsafe_override(teacher_ckpt, tmp_path, monkeypatch):
     from fairseq import checkpoint_utils
 
+    import fairseq_kd
+
+    fairseq_kd.register()  # what --user-dir user_dir does: fairseq's own loader is the safe one
+
     monkeypatch.setenv(checkpoints.UNSAFE_LOAD_VARIABLE, "1")
     for load in (checkpoints.load_checkpoint_state, checkpoint_utils.load_checkpoint_to_cpu,
                  checkpoints.safe_torch_load):

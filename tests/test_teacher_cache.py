@@ -272,7 +272,9 @@ def _one_line_error(proc, *needles):
 
 
 def test_build_refuses_another_teacher_or_k(prepared, teacher_ckpt, cache8, tmp_path):
-    # the safe loader: importing fairseq_kd allow-listed the classes fairseq checkpoints hold
+    from fairseq_kd.checkpoints import install_safe_globals
+
+    install_safe_globals()  # the classes fairseq checkpoints hold, allow-listed
     state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
     first = next(iter(state["model"]))
     state["model"][first] = state["model"][first] + 0.01

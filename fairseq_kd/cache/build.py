@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from fairseq_kd.cache.manifest import (
-    DEFAULT_K, build_manifest, read_manifest, shard_dir, shard_range, write_or_check_manifest,
+    DEFAULT_K, build_manifest, read_manifest, shard_dir, write_or_check_manifest,
 )
+from fairseq_kd.cliargs import shard_range
 from fairseq_kd.errors import DistillationError
 
 logger = logging.getLogger("fairseq_kd.cache")

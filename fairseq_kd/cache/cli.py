@@ -22,6 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from fairseq_kd.cache.manifest import DEFAULT_K, read_manifest
+from fairseq_kd.cliargs import add_data_arguments, add_device_arguments, add_shard_arguments, add_teacher_arguments
 from fairseq_kd.errors import exit_on_error
 
 
@@ -33,25 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="run the teacher over a split and store its top-k (sharded, resumable)")
-    b.add_argument("--data", required=True, help="binarized data directory (dictionaries and the split)")
-    b.add_argument("--split", default="train", help="binarized split to cache (default: train)")
-    b.add_argument("-s", "--source-lang", help="source language (default: inferred from --data)")
-    b.add_argument("-t", "--target-lang", help="target language (default: inferred from --data)")
-    b.add_argument("--path", required=True, help="teacher checkpoint, or several separated by ':' (an ensemble)")
-    b.add_argument("--teacher-data-dir", help="directory with the teacher's dictionaries, if its recorded data directory moved")
-    b.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the teacher")
+    add_data_arguments(b, "binarized data directory (dictionaries and the split)",
+                       "binarized split to cache (default: train)")
+    add_teacher_arguments(b)
     b.add_argument("--out-dir", required=True, help="cache directory (manifest.json and the shards)")
     b.add_argument("--k", type=int, default=DEFAULT_K, help=f"teacher tokens kept per position (default: {DEFAULT_K})")
     b.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature of the stored log-probabilities; must equal the criterion's "
                    "--kd-temperature (default: 1)")
-    b.add_argument("--num-shards", type=int, default=1, help="number of contiguous shards of the examples")
-    b.add_argument("--shard-id", type=int, help="build only this shard (default: every missing shard in turn)")
+    add_shard_arguments(b, "build only this shard (default: every missing shard in turn)")
     b.add_argument("--max-tokens", type=int, default=4096, help="tokens per teacher batch")
     b.add_argument("--batch-size", type=int, help="sentences per teacher batch (default: no limit)")
-    b.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    b.add_argument("--cpu", action="store_true", help="run the teacher on the CPU")
-    b.add_argument("--no-progress-bar", action="store_true", help="no tqdm progress bar")
+    add_device_arguments(b, "run the teacher on the CPU")
     i = sub.add_parser("info", help="print a cache's manifest and its size per target token")
     i.add_argument("cache_dir", help="cache directory")
     return parser
@@ -82,7 +76,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(json.dumps({"manifest": read_manifest(args.cache_dir), "size": cache_size(args.cache_dir)},
                              indent=1, sort_keys=True))
             return
-        import fairseq_kd  # noqa: F401  (safe checkpoint loading, registrations)
         from fairseq_kd.cache.build import build_cache
         from fairseq_kd.decoding.fairseq_backend import resolve_device
 

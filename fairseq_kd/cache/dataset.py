@@ -31,7 +31,8 @@ import torch
 from fairseq.data import BaseWrapperDataset
 from torch import Tensor
 
-from fairseq_kd.cache.manifest import missing_shards, read_current_manifest, shard_dir, shard_range
+from fairseq_kd.cache.manifest import missing_shards, read_current_manifest, shard_dir
+from fairseq_kd.cliargs import shard_range
 from fairseq_kd.errors import DistillationError
 
 logger = logging.getLogger("fairseq_kd.cache")

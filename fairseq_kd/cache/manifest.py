@@ -10,7 +10,7 @@ one cache), and so is a cache whose manifest does not match the training run
 (:func:`check_manifest`); each refusal is one line naming the file and the
 first field that differs.  The shard layout: ``DIR/shardIII-of-NNN/`` holds
 ``ids.{bin,idx}``, ``lprobs.{bin,idx}`` and ``tail.{bin,idx}`` for one contiguous range of
-example ids (:func:`shard_range`); it is written as ``shardIII-of-NNN.tmp/``
+example ids (:func:`fairseq_kd.cliargs.shard_range`); it is written as ``shardIII-of-NNN.tmp/``
 and renamed when complete.
 """
 
@@ -18,8 +18,9 @@ import json
 import os
 from typing import Dict, Optional, Sequence
 
-from fairseq_kd.download import sha256_of
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.hashing import dictionary_hashes, sha256_of
+from fairseq_kd.textio import read_json_manifest
 
 MANIFEST = "manifest.json"
 #: version of the on-disk layout (2: the teacher's tail log-mass stored per position)
@@ -41,27 +42,8 @@ def ids_dtype_name(vocab_size: int) -> str:
     return "uint32"
 
 
-def shard_range(num_examples: int, num_shards: int, shard_id: int):
-    """``[start, end)`` of the example ids of shard ``shard_id`` (contiguous, sizes differ by <= 1)."""
-    if num_shards < 1:
-        raise DistillationError(f"--num-shards must be >= 1, got {num_shards}")
-    if not 0 <= shard_id < num_shards:
-        raise DistillationError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
-    return num_examples * shard_id // num_shards, num_examples * (shard_id + 1) // num_shards
-
-
 def shard_dir(cache_dir: str, shard_id: int, num_shards: int) -> str:
     return os.path.join(cache_dir, f"shard{shard_id:03d}-of-{num_shards:03d}")
-
-
-def dictionary_files(data_dir: str, src: str, tgt: str) -> Dict[str, str]:
-    return {lang: os.path.join(data_dir, f"dict.{lang}.txt") for lang in (src, tgt)}
-
-
-def dictionary_digests(data_dir: str, src: str, tgt: str) -> Dict[str, str]:
-    """``{"src": sha256, "tgt": sha256}`` of the data directory's dictionaries."""
-    files = dictionary_files(data_dir, src, tgt)
-    return {"src": sha256_of(files[src]), "tgt": sha256_of(files[tgt])}
 
 
 def build_manifest(
@@ -71,7 +53,7 @@ def build_manifest(
     return {
         "format": FORMAT,
         "teacher": [{"file": os.path.basename(p), "sha256": sha256_of(p)} for p in teacher_paths],
-        "dictionaries": dictionary_digests(data_dir, src, tgt),
+        "dictionaries": dictionary_hashes(data_dir, (src, tgt)),
         "source_lang": src,
         "target_lang": tgt,
         "split": split,
@@ -91,6 +73,8 @@ def _describe(key: str, old, new) -> str:
     if key == "teacher":
         return "the teacher checkpoint(s) differ (sha256)"
     if key == "dictionaries":
+        if isinstance(old, dict) and set(old) == {"src", "tgt"}:
+            return "it records its dictionaries in an older form ({src, tgt}); rebuild the cache"
         return "the dictionaries differ (sha256 of dict.*.txt)"
     return f"{key} is {old!r} in the cache, {new!r} here"
 
@@ -116,17 +100,11 @@ def write_or_check_manifest(cache_dir: str, manifest: Dict) -> None:
 
 
 def read_manifest(cache_dir: str) -> Dict:
-    path = os.path.join(cache_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise DistillationError(
-            f"{path} not found: {cache_dir} is not a teacher cache; build one with "
-            f"`python -m fairseq_kd.cache build --out-dir {cache_dir} ...`"
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise DistillationError(f"{path} is not valid JSON ({e}); rebuild the cache") from None
+    return read_json_manifest(
+        os.path.join(cache_dir, MANIFEST),
+        f": {cache_dir} is not a teacher cache; build one with `python -m fairseq_kd.cache build --out-dir {cache_dir} ...`",
+        "rebuild the cache",
+    )
 
 
 def read_current_manifest(cache_dir: str) -> Dict:

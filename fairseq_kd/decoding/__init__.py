@@ -22,10 +22,11 @@ registering a :class:`TranslationBackend` subclass with
 optional CTranslate2 backend, ``decode --backend ctranslate2``).
 """
 
+from fairseq_kd.cliargs import shard_range
 from fairseq_kd.decoding.backend import BACKENDS, TranslationBackend, Translator, get_backend, register_backend
 from fairseq_kd.decoding.binarize import binarize
 from fairseq_kd.decoding.cli import build_parser, decode, logger, main
-from fairseq_kd.decoding.corpus import Corpus, corpus_from_split, corpus_from_text, read_text_lines
+from fairseq_kd.decoding.corpus import Corpus, corpus_from_split, corpus_from_text
 from fairseq_kd.decoding.decode import decode_corpus, decode_shard
 from fairseq_kd.decoding.fairseq_backend import (
     FairseqBackend,
@@ -47,13 +48,12 @@ from fairseq_kd.decoding.shards import (
     MANIFEST,
     read_manifest,
     shard_path,
-    shard_range,
     shards_complete,
     write_json_atomic,
     write_manifest,
 )
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.textio import count_lines, write_lines_atomic
+from fairseq_kd.textio import count_lines, read_text_lines, write_lines_atomic
 
 __all__ = [
     "BACKENDS", "DEGENERATE_KINDS", "MANIFEST", "Corpus", "DegenerateCheck", "DistillationError",

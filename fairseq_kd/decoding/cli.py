@@ -46,6 +46,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from fairseq_kd.cliargs import add_data_arguments, add_device_arguments, add_shard_arguments, add_teacher_arguments
 from fairseq_kd.decoding.backend import get_backend
 from fairseq_kd.decoding.binarize import binarize
 from fairseq_kd.decoding.corpus import corpus_from_split, corpus_from_text
@@ -103,15 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     dec = sub.add_parser("decode", help="beam-search a split (or a BPE'd text file) with the teacher, in shards")
-    dec.add_argument("--data", required=True, help="binarized data directory (dictionaries; the split to decode)")
-    dec.add_argument("--split", default="train", help="binarized split to decode (default: train)")
+    add_data_arguments(dec, "binarized data directory (dictionaries; the split to decode)",
+                       "binarized split to decode (default: train)")
     dec.add_argument("--input", help="decode this plain-text, already-BPE'd source file instead of --split")
     dec.add_argument("--reference", help="BPE'd references aligned with --input (for Seq-Inter and --on-degenerate reference)")
-    dec.add_argument("-s", "--source-lang", help="source language (default: inferred from --data)")
-    dec.add_argument("-t", "--target-lang", help="target language (default: inferred from --data)")
-    dec.add_argument("--path", required=True, help="teacher checkpoint, or several separated by ':' (an ensemble)")
-    dec.add_argument("--teacher-data-dir", help="directory with the teacher's dictionaries, if its recorded data directory moved")
-    dec.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the teacher")
+    add_teacher_arguments(dec)
     dec.add_argument("--backend", default="fairseq", choices=["fairseq", "ctranslate2"],
                      help="fairseq: SequenceGenerator on the checkpoint; ctranslate2: the checkpoint converted once "
                      "(cached next to it, keyed by its sha256) and decoded by CTranslate2 (pip install ctranslate2)")
@@ -119,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["default", "float32", "int8", "float16", "int8_float16", "auto"],
                      help="CTranslate2 arithmetic (default: float16 on a GPU, float32 on the CPU)")
     dec.add_argument("--out-dir", required=True, help="directory of the shard files and manifest")
-    dec.add_argument("--num-shards", type=int, default=1, help="number of shards the examples are cut into")
-    dec.add_argument("--shard-id", type=int, help="decode only this shard (default: every shard in turn)")
+    add_shard_arguments(dec, "decode only this shard (default: every shard in turn)")
     dec.add_argument("--beam", type=int, default=5, help="beam size")
     dec.add_argument("--nbest", type=int, default=1, help="hypotheses kept per sentence (> 1 for Seq-Inter)")
     dec.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * source length + b")
@@ -130,9 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--unkpen", type=float, default=0.0, help="unknown-word penalty (fairseq's)")
     dec.add_argument("--max-tokens", type=int, default=4096, help="source tokens per batch")
     dec.add_argument("--batch-size", type=int, help="sentences per batch (default: no limit)")
-    dec.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    dec.add_argument("--cpu", action="store_true", help="decode on the CPU")
-    dec.add_argument("--no-progress-bar", action="store_true", help="no tqdm progress bar")
+    add_device_arguments(dec, "decode on the CPU")
 
     mrg = sub.add_parser("merge", help="merge the shards in source order, select and check the hypotheses")
     mrg.add_argument("--out-dir", required=True, help="the --out-dir of decode")
@@ -174,8 +168,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         force=True,  # fairseq's import already configured the root logger
     )
     args = build_parser().parse_args(argv)
-    import fairseq_kd  # noqa: F401  (safe checkpoint loading, registrations)
-
     if args.command == "decode":
         decode(args)
     elif args.command == "merge":

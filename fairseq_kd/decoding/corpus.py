@@ -5,11 +5,12 @@ when known, their BPE'd references, read from a binarized split
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.textio import read_text_lines
 
 
 @dataclass
@@ -44,19 +45,12 @@ class Corpus:
         return cls(dataset, src_dict, refs, description)
 
 
-def read_text_lines(path: str) -> List[str]:
-    if not os.path.isfile(path):
-        raise DistillationError(f"{path} not found")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
 def corpus_from_text(input_path: str, reference_path: Optional[str], src_dict, tgt_dict) -> Corpus:
     """A plain-text, already-BPE'd source file (and optionally its BPE'd references)."""
-    src_lines = read_text_lines(input_path)
+    src_lines = list(read_text_lines(input_path))
     ref_lines = None
     if reference_path:
-        ref_lines = read_text_lines(reference_path)
+        ref_lines = list(read_text_lines(reference_path))
         if len(ref_lines) != len(src_lines):
             raise DistillationError(
                 f"{reference_path} has {len(ref_lines)} lines but {input_path} has {len(src_lines)}; "

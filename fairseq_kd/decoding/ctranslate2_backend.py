@@ -24,7 +24,6 @@ strings; the decoder starts from EOS as fairseq's does.  Beam size, n-best,
 ``--unkpen`` have no CTranslate2 equivalent and are refused.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Dict, Optional, Tuple
 
 from fairseq_kd.decoding.backend import TranslationBackend, register_backend
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.hashing import dictionary_hashes, sha256_of
 
 logger = logging.getLogger("fairseq_kd.decoding")
 
@@ -40,23 +40,9 @@ COMPUTE_TYPES = ("default", "float32", "int8", "float16", "int8_float16", "auto"
 SOURCE_RECORD = "fairseq_kd_source.json"
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted_dir(checkpoint: str, sha256: str) -> str:
     """Where the conversion of ``checkpoint`` with digest ``sha256`` is cached."""
     return f"{os.path.abspath(checkpoint)}.ct2-{sha256[:16]}"
-
-
-def dictionaries_sha256(task) -> str:
-    """Digest of the task's source and target symbols (in order)."""
-    symbols = [list(task.source_dictionary.symbols), list(task.target_dictionary.symbols)]
-    return hashlib.sha256(json.dumps(symbols, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def read_conversion(path: str, sha256: str) -> Optional[Dict]:
@@ -99,11 +85,11 @@ def convert_teacher(checkpoint: str, task, teacher_data_dir: Optional[str] = Non
     from fairseq_kd.checkpoints import load_checkpoint_state
     from fairseq_kd.teacher import load_teacher
 
-    sha256 = file_sha256(checkpoint)
+    sha256 = sha256_of(checkpoint)
     final = converted_dir(checkpoint, sha256)
     source = read_conversion(final, sha256)
     if source is not None:
-        if source.get("dictionaries_sha256") != dictionaries_sha256(task):
+        if source.get("dictionaries_sha256") != dictionary_hashes(task.cfg.data, (task.cfg.source_lang, task.cfg.target_lang)):
             # names the differing dictionary files (or passes: same symbols)
             load_teacher([checkpoint], task, teacher_data_dir=teacher_data_dir)
         logger.info("CTranslate2 conversion of %s found: %s", checkpoint, final)
@@ -119,7 +105,7 @@ def convert_teacher(checkpoint: str, task, teacher_data_dir: Optional[str] = Non
     source = {
         "checkpoint": os.path.abspath(checkpoint),
         "sha256": sha256,
-        "dictionaries_sha256": dictionaries_sha256(task),
+        "dictionaries_sha256": dictionary_hashes(task.cfg.data, (task.cfg.source_lang, task.cfg.target_lang)),
         "max_positions": list(model.max_positions()),
     }
     tmp = f"{final}.tmp{os.getpid()}"

@@ -13,7 +13,8 @@ import numpy as np
 
 from fairseq_kd.decoding.backend import Translator
 from fairseq_kd.decoding.corpus import Corpus
-from fairseq_kd.decoding.shards import partial_shards, shard_lock, shard_path, shard_range, write_manifest
+from fairseq_kd.cliargs import shard_range
+from fairseq_kd.decoding.shards import partial_shards, shard_lock, shard_path, write_manifest
 from fairseq_kd.textio import unique_tmp
 
 logger = logging.getLogger("fairseq_kd.decoding")

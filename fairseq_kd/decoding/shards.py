@@ -17,21 +17,12 @@ import glob
 import json
 import os
 import socket
-from typing import Dict, Iterator, Sequence, Tuple
+from typing import Dict, Iterator, Sequence
 
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.textio import unique_tmp
+from fairseq_kd.textio import read_json_manifest, unique_tmp
 
 MANIFEST = "manifest.json"
-
-
-def shard_range(num_examples: int, num_shards: int, shard_id: int) -> Tuple[int, int]:
-    """``[start, end)`` of the example ids of shard ``shard_id`` (contiguous, sizes differ by <= 1)."""
-    if num_shards < 1:
-        raise DistillationError(f"--num-shards must be >= 1, got {num_shards}")
-    if not 0 <= shard_id < num_shards:
-        raise DistillationError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
-    return num_examples * shard_id // num_shards, num_examples * (shard_id + 1) // num_shards
 
 
 def shard_path(out_dir: str, shard_id: int, num_shards: int) -> str:
@@ -112,11 +103,9 @@ def write_manifest(out_dir: str, manifest: Dict) -> None:
 
 
 def read_manifest(out_dir: str) -> Dict:
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise DistillationError(f"{path} not found; run `python -m fairseq_kd.decoding decode --out-dir {out_dir}` first")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_manifest(os.path.join(out_dir, MANIFEST),
+                              f"; run `python -m fairseq_kd.decoding decode --out-dir {out_dir}` first",
+                              f"delete {out_dir} and decode again")
 
 
 def shards_complete(out_dir: str, num_shards: int, shard_ids: Sequence[int]) -> bool:

@@ -41,9 +41,10 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.cache.dataset import CachedTeacher, load_teacher_cache
-from fairseq_kd.cache.manifest import check_manifest, dictionary_digests, read_manifest
+from fairseq_kd.cache.manifest import check_manifest, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.hashing import dictionary_hashes
 from fairseq_kd.tasks import guards
 from fairseq_kd.teacher import PRECISIONS, load_teacher, split_paths
 
@@ -147,7 +148,7 @@ class DistillationTranslationTask(TranslationTask):
         manifest = read_manifest(path)
         data_dir = utils.split_paths(self.cfg.data)[0]
         expected = {
-            "dictionaries": dictionary_digests(data_dir, self.cfg.source_lang, self.cfg.target_lang),
+            "dictionaries": dictionary_hashes(data_dir, (self.cfg.source_lang, self.cfg.target_lang)),
             "split": self.cfg.train_subset,
             "temperature": getattr(criterion, "temperature", 1.0),
         }

@@ -27,15 +27,15 @@
   trainer's task; a criterion with other training state (``selective_kd``'s
   global queue) exposes ``kd_state_dict`` / ``load_kd_state_dict``, saved in
   ``task_state["criterion"]`` and handed back on resume by the wrapped
-  ``Trainer.load_checkpoint`` (:func:`fairseq_kd.checkpoints.install_fairseq_loader`).
+  ``Trainer.load_checkpoint`` (:func:`fairseq_kd.checkpoints.install_trainer_hooks`).
 """
 
 import logging
-import os
 from typing import Dict
 
 from fairseq_kd.criterions import base
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.hashing import dictionary_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +60,9 @@ def check_teacher_output(teacher, sample, update_num: int) -> None:
     )
 
 
-def dictionary_hashes(task) -> Dict[str, str]:
-    """``{"dict.en.txt": sha256, ...}`` of the task's source and target dictionaries."""
-    from fairseq_kd.teacher.ensemble import dictionary_sha256
-
-    data_dir = str(task.cfg.data).split(":")[0]
-    hashes = {}
-    for lang in (task.cfg.source_lang, task.cfg.target_lang):
-        path = os.path.join(data_dir, f"dict.{lang}.txt")
-        if lang and os.path.isfile(path):
-            hashes[os.path.basename(path)] = dictionary_sha256(path)
-    return hashes
-
-
 def training_state(task, criterion) -> Dict:
     """What the task adds to fairseq's ``task_state``."""
-    state = {"dictionary_sha256": dictionary_hashes(task)}
+    state = {"dictionary_sha256": dictionary_hashes(task.cfg.data, (task.cfg.source_lang, task.cfg.target_lang))}
     kd_state = getattr(criterion, "kd_state_dict", None)
     if kd_state is not None:
         state["criterion"] = kd_state()

@@ -21,7 +21,6 @@ fp16``, is flagged by every forward pass without a device sync
 (:meth:`TeacherEnsemble.take_nonfinite`, read by the task once per update).
 """
 
-import hashlib
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.hashing import sha256_of
 from fairseq_kd.losses import log_mean_exp
 
 logger = logging.getLogger("fairseq_kd.teacher")
@@ -176,18 +176,12 @@ def _teacher_dict_files(state_cfg, path: str, teacher_data_dir: Optional[str], s
     return files
 
 
-def dictionary_sha256(path: str) -> str:
-    """The sha256 of a ``dict.*.txt`` file (recorded in the checkpoints of the distillation tasks)."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def check_recorded_dictionaries(state, path: str, files: Sequence[str]) -> None:
     """When ``state`` (a checkpoint) records the sha256 of its dictionaries, ``files`` must still match."""
     recorded = (state.get("task_state") or {}).get("dictionary_sha256") or {}
     for f in files:
         expected = recorded.get(os.path.basename(f))
-        if expected is not None and dictionary_sha256(f) != expected:
+        if expected is not None and sha256_of(f) != expected:
             raise DistillationError(
                 f"teacher dictionary {f} changed after teacher {path} was trained (its sha256 differs from the "
                 f"one recorded in the checkpoint): restore the dictionary the teacher was trained with, or "

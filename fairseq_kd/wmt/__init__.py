@@ -56,7 +56,7 @@ sha256 verification, shared with :mod:`fairseq_kd.corpora`),
 """
 
 from fairseq_kd.checkpoints import average_checkpoints, last_checkpoints
-from fairseq_kd.download import download_command, read_manifest, sha256_of, write_manifest
+from fairseq_kd.download import download_command, read_checksums, sha256_of, write_checksums
 from fairseq_kd.wmt.archives import (
     COMMONCRAWL,
     EUROPARL_V7,
@@ -85,7 +85,7 @@ __all__ = [
     "EUROPARL_V7", "COMMONCRAWL", "NEWS_COMMENTARY_V9", "UN", "GIGA_FREN", "EUROPARL_V8", "SETIMES2",
     "NEWSTEST2013", "NEWSTEST2014",
     "PROG", "log",
-    "sha256_of", "read_manifest", "write_manifest", "download_command", "fetch_archive",
+    "sha256_of", "read_checksums", "write_checksums", "download_command", "fetch_archive",
     "extract_members", "raw_lines", "clean_line", "keep_pair", "build_train", "fetch_test_set",
     "write_readme", "prepare", "last_checkpoints", "average_checkpoints", "main",
 ]

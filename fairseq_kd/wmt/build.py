@@ -7,7 +7,7 @@ already there; :func:`write_readme` records the provenance in ``OUT/README.md``.
 import os
 from typing import Dict, Optional
 
-from fairseq_kd.download import manifest_pin, obtain, read_manifest, write_manifest
+from fairseq_kd.download import manifest_pin, obtain, read_checksums, write_checksums
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.textio import count_lines
 from fairseq_kd.wmt.archives import PAIRS, Archive, Pair
@@ -67,9 +67,9 @@ def prepare(pair_name: str, out: str, orig: Optional[str] = None, checksums: Opt
     orig = orig or os.path.join(out, "orig")
     os.makedirs(out, exist_ok=True)
     os.makedirs(orig, exist_ok=True)
-    pins = read_manifest(checksums) if checksums else None
+    pins = read_checksums(checksums) if checksums else None
     digests = {a.name: fetch_archive(a, orig, download, pins, checksums) for a in pair.archives}
-    write_manifest(os.path.join(out, "checksums.observed"), digests)
+    write_checksums(os.path.join(out, "checksums.observed"), digests)
     extracted = {}
     for archive in pair.archives:
         wanted = [b.member(lang) for b in pair.bitexts if b.archive == archive.name for lang in (pair.src, pair.tgt)]
