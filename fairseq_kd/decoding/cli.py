@@ -17,6 +17,12 @@ and a function of :mod:`fairseq_kd.decoding`:
     when complete: a re-run skips complete shards and redoes incomplete ones.
     Each line holds one example: its id, source and reference (BPE'd, as in
     the data) and the teacher's ``--nbest`` hypotheses, BPE'd tokens kept.
+    With ``--chunk-size N`` the decode is a work queue: the examples are cut
+    into shards (chunks) of at most N, and any number of processes on any
+    number of machines sharing ``--out-dir`` each claim the next chunk nobody
+    holds until none is left (``--wait``: then wait for the chunks of the
+    others, taking over those whose holder stopped renewing its claim for
+    ``--claim-timeout`` seconds).  SIGTERM releases the chunk being decoded.
 
 ``merge``
     Reads every shard, restores the original order by example id, checks that
@@ -43,6 +49,7 @@ See ``docs/seq_kd.md`` for the full recipe.
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional, Sequence
 
@@ -50,11 +57,12 @@ from fairseq_kd.cliargs import add_data_arguments, add_device_arguments, add_sha
 from fairseq_kd.decoding.backend import get_backend
 from fairseq_kd.decoding.binarize import binarize
 from fairseq_kd.decoding.corpus import corpus_from_split, corpus_from_text
-from fairseq_kd.decoding.decode import decode_corpus
+from fairseq_kd.decoding.decode import decode_corpus, decode_queue
 from fairseq_kd.decoding.fairseq_backend import build_task, generation_settings, resolve_device
 from fairseq_kd.decoding.merge import merge
 from fairseq_kd.decoding.selection import DegenerateCheck
-from fairseq_kd.decoding.shards import shards_complete
+from fairseq_kd.decoding.shards import num_chunks, shards_complete
+from fairseq_kd.errors import DistillationError
 
 logger = logging.getLogger("fairseq_kd.decoding")
 
@@ -75,6 +83,10 @@ def decode(args, backend: Optional[str] = None) -> List[int]:
     settings = generation_settings(args)
     if backend != "fairseq":  # recorded in the manifest: shards of different backends are not mixed
         settings.update(backend=backend, **options)
+    if args.chunk_size is not None:
+        if args.shard_id is not None:
+            raise DistillationError("--chunk-size (a work queue) and --shard-id exclude each other")
+        args.num_shards = num_chunks(len(corpus), args.chunk_size)
     shard_ids = list(range(args.num_shards)) if args.shard_id is None else [args.shard_id]
     if shards_complete(args.out_dir, args.num_shards, shard_ids):
         # nothing to decode: check the manifest, do not load the teacher
@@ -88,11 +100,25 @@ def decode(args, backend: Optional[str] = None) -> List[int]:
         "decoding %d examples of %s in %d shard(s) on %s (beam %d, nbest %d)",
         len(corpus), corpus.description, args.num_shards, device, args.beam, args.nbest,
     )
-    return decode_corpus(
-        corpus, teacher.translate, args.out_dir, args.num_shards, shard_ids, settings=settings,
-        max_tokens=args.max_tokens, max_sentences=args.batch_size,
-        max_source_len=teacher.max_source_len, progress=not args.no_progress_bar,
+    common = dict(
+        max_tokens=args.max_tokens, max_sentences=args.batch_size, max_source_len=teacher.max_source_len,
+        progress=not args.no_progress_bar, claim_timeout=args.claim_timeout, worker=args.worker_id,
     )
+    if args.chunk_size is not None:
+        done = decode_queue(corpus, teacher.translate, args.out_dir, args.num_shards, settings=settings,
+                            wait=args.wait, **common)
+        logger.info("worker %s decoded %d chunk(s) of %d", args.worker_id or os.getpid(), len(done), args.num_shards)
+        return done
+    return decode_corpus(corpus, teacher.translate, args.out_dir, args.num_shards, shard_ids, settings=settings,
+                         **common)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a preempted or cancelled job): unwinds the decode, releasing its chunk."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CTranslate2 arithmetic (default: float16 on a GPU, float32 on the CPU)")
     dec.add_argument("--out-dir", required=True, help="directory of the shard files and manifest")
     add_shard_arguments(dec, "decode only this shard (default: every shard in turn)")
+    dec.add_argument("--chunk-size", type=int,
+                     help="a work queue: shards of at most this many examples, each process claiming the next "
+                     "one nobody holds (replaces --num-shards / --shard-id)")
+    dec.add_argument("--wait", action="store_true",
+                     help="with --chunk-size: when no chunk is left to claim, wait until the other workers' "
+                     "chunks are complete, taking over those of stopped workers")
+    dec.add_argument("--claim-timeout", type=float, default=600.0,
+                     help="seconds without a heartbeat after which a claim (of any host) is stale and taken over")
+    dec.add_argument("--worker-id", default=os.environ.get("SLURM_PROCID", os.environ.get("RANK", "")),
+                     help="this worker's name in its claims and logs (default: $SLURM_PROCID, else $RANK)")
     dec.add_argument("--beam", type=int, default=5, help="beam size")
     dec.add_argument("--nbest", type=int, default=1, help="hypotheses kept per sentence (> 1 for Seq-Inter)")
     dec.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * source length + b")
@@ -169,7 +205,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     args = build_parser().parse_args(argv)
     if args.command == "decode":
-        decode(args)
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            decode(args)
+        except Terminated:
+            logger.warning("terminated (SIGTERM): the chunk being decoded was released; a re-run resumes")
+            sys.exit(143)
     elif args.command == "merge":
         merge(
             args.out_dir, args.output, select=args.select, on_degenerate=args.on_degenerate,

@@ -1,12 +1,15 @@
 """Decoding: one shard of a :class:`~fairseq_kd.decoding.corpus.Corpus` into
 its JSON-lines file (:func:`decode_shard`), and every requested shard after
-the manifest check (:func:`decode_corpus`).  The translation itself is a
-:data:`~fairseq_kd.decoding.backend.Translator` (a backend's ``translate``)."""
+the manifest check (:func:`decode_corpus`), or as a work queue: claim the next
+shard nobody holds until none is left (:func:`decode_queue`).  The translation
+itself is a :data:`~fairseq_kd.decoding.backend.Translator` (a backend's
+``translate``)."""
 
 import json
 import logging
 import os
 import sys
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -14,7 +17,14 @@ import numpy as np
 from fairseq_kd.decoding.backend import Translator
 from fairseq_kd.decoding.corpus import Corpus
 from fairseq_kd.cliargs import shard_range
-from fairseq_kd.decoding.shards import partial_shards, shard_lock, shard_path, write_manifest
+from fairseq_kd.decoding.shards import (
+    CLAIM_TIMEOUT,
+    ShardBusy,
+    partial_shards,
+    shard_lock,
+    shard_path,
+    write_manifest,
+)
 from fairseq_kd.textio import unique_tmp
 
 logger = logging.getLogger("fairseq_kd.decoding")
@@ -30,8 +40,11 @@ def decode_shard(
     max_sentences: Optional[int] = None,
     max_source_len: Optional[int] = None,
     progress: bool = True,
+    claim_timeout: Optional[float] = CLAIM_TIMEOUT,
+    worker: str = "",
 ) -> bool:
-    """Decode shard ``shard_id`` unless it is already complete.
+    """Decode shard ``shard_id`` unless it is already complete (:class:`ShardBusy`
+    while another live process decodes it).
 
     Returns True when the shard was decoded now, False when it was skipped.
     Sources longer than ``max_source_len`` are not decoded: their record has
@@ -43,7 +56,7 @@ def decode_shard(
         logger.info("shard %d/%d is complete (%s): skipped", shard_id, num_shards, final)
         return False
     os.makedirs(out_dir, exist_ok=True)
-    with shard_lock(final):
+    with shard_lock(final, claim_timeout, worker):
         if os.path.exists(final):  # completed by another process meanwhile
             logger.info("shard %d/%d is complete (%s): skipped", shard_id, num_shards, final)
             return False
@@ -56,8 +69,6 @@ def decode_shard(
 
 def _decode_shard(corpus, translate, final, tmp, shard_id, num_shards, max_tokens, max_sentences,
                   max_source_len, progress) -> bool:
-    from tqdm import tqdm
-
     start, end = shard_range(len(corpus), num_shards, shard_id)
     indices = np.arange(start, end, dtype=np.int64)
     dataset = corpus.dataset
@@ -80,6 +91,22 @@ def _decode_shard(corpus, translate, final, tmp, shard_id, num_shards, max_token
             rec["skipped"] = skipped
         return json.dumps(rec, ensure_ascii=False)
 
+    # killed (SIGTERM), interrupted, failed: the lock is released, the partial file redone by the next claim
+    _write_records(corpus, translate, tmp, indices, too_long, batches, record, shard_id, num_shards, progress)
+    os.replace(tmp, final)
+    if too_long.any():
+        logger.warning(
+            "shard %d/%d: %d sources longer than %d tokens were not decoded",
+            shard_id, num_shards, int(too_long.sum()), max_source_len,
+        )
+    logger.info("shard %d/%d complete: %d examples -> %s", shard_id, num_shards, len(indices), final)
+    return True
+
+
+def _write_records(corpus, translate, tmp, indices, too_long, batches, record, shard_id, num_shards, progress):
+    from tqdm import tqdm
+
+    dataset = corpus.dataset
     with open(tmp, "w", encoding="utf-8") as f, tqdm(
         total=len(indices), unit="sent", desc=f"shard {shard_id}/{num_shards}",
         disable=not progress, dynamic_ncols=True, file=sys.stderr,
@@ -95,14 +122,6 @@ def _decode_shard(corpus, translate, final, tmp, shard_id, num_shards, max_token
             bar.update(len(batch))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)
-    if too_long.any():
-        logger.warning(
-            "shard %d/%d: %d sources longer than %d tokens were not decoded",
-            shard_id, num_shards, int(too_long.sum()), max_source_len,
-        )
-    logger.info("shard %d/%d complete: %d examples -> %s", shard_id, num_shards, len(indices), final)
-    return True
 
 
 def decode_corpus(
@@ -132,3 +151,36 @@ def decode_corpus(
         s for s in shard_ids
         if decode_shard(corpus, translate, out_dir, s, num_shards, **shard_kwargs)
     ]
+
+
+def decode_queue(
+    corpus: Corpus,
+    translate: Translator,
+    out_dir: str,
+    num_shards: int,
+    settings: Optional[Dict] = None,
+    wait: bool = False,
+    poll: float = 10.0,
+    **shard_kwargs,
+) -> List[int]:
+    """The work queue: claim and decode the next shard no live process holds, until none is
+    left; returns the ids decoded here.  With ``wait``, then wait until every shard is complete,
+    taking over the claims of processes that stopped (``claim_timeout`` in ``shard_kwargs``)."""
+    decode_corpus(corpus, None, out_dir, num_shards, [], settings=settings)  # the manifest check
+    done: List[int] = []
+    while True:
+        busy = []
+        for s in range(num_shards):
+            if os.path.exists(shard_path(out_dir, s, num_shards)):
+                continue
+            try:
+                if decode_shard(corpus, translate, out_dir, s, num_shards, **shard_kwargs):
+                    done.append(s)
+            except ShardBusy:
+                busy.append(s)
+        if not busy or not wait:
+            if busy:
+                logger.info("%d shard(s) of %d held by other workers: left to them", len(busy), num_shards)
+            return done
+        logger.info("waiting for %d shard(s) of %d held by other workers (first: %d)", len(busy), num_shards, busy[0])
+        time.sleep(poll)
