@@ -56,6 +56,7 @@ setup(
             "fairseq-kd-build-cache = fairseq_kd.cache.cli:main",
             "fairseq-kd-analyze-teacher = fairseq_kd.study.teacher_analysis:main",
             "fairseq-kd-study-report = fairseq_kd.study.report:main",
+            "fairseq-kd-export = fairseq_kd.export:main",
         ],
     },
     classifiers=[

@@ -76,12 +76,20 @@ def _converter(model, model_cfg, task):
     return LoadedModelConverter()
 
 
+def convert_model(model, model_cfg, task, out_dir: str, quantization: Optional[str] = None) -> None:
+    """Write the CTranslate2 conversion of the loaded fairseq ``model`` (``model_cfg``: its architecture,
+    ``task``: its dictionaries) to ``out_dir``, weights in ``quantization`` (None: float32).  Raises
+    CTranslate2's ``NotImplementedError`` / ``ValueError`` for what it cannot convert."""
+    import torch
+
+    with torch.no_grad():
+        _converter(model, model_cfg, task).convert(out_dir, quantization=quantization, force=True)
+
+
 def convert_teacher(checkpoint: str, task, teacher_data_dir: Optional[str] = None) -> Tuple[str, Dict]:
     """The CTranslate2 model directory of ``checkpoint`` and its source record
     (sha256, dictionaries, max positions), converting the checkpoint unless a
     conversion of the same file (same sha256) is cached next to it."""
-    import torch
-
     from fairseq_kd.checkpoints import load_checkpoint_state
     from fairseq_kd.teacher import load_teacher
 
@@ -111,8 +119,7 @@ def convert_teacher(checkpoint: str, task, teacher_data_dir: Optional[str] = Non
     tmp = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with torch.no_grad():
-            _converter(model, model_cfg, task).convert(tmp, force=True)
+        convert_model(model, model_cfg, task, tmp)
     except (NotImplementedError, ValueError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DistillationError(f"CTranslate2 cannot convert teacher {checkpoint}: {e}; use --backend fairseq")
