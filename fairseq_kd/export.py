@@ -50,7 +50,8 @@ def export(checkpoint: str, data: str, out_dir: str, quantization: str = "int8",
     """Convert ``checkpoint`` (dictionaries in ``data``) into the CTranslate2 folder ``out_dir``
     (written under a temporary name, renamed when complete) and return its record."""
     from fairseq_kd.checkpoints import load_checkpoint_state
-    from fairseq_kd.decoding.ctranslate2_backend import convert_model, file_sha256
+    from fairseq_kd.decoding.ctranslate2_backend import convert_model
+    from fairseq_kd.hashing import sha256_of
     from fairseq_kd.decoding.fairseq_backend import build_task
     from fairseq_kd.teacher import load_teacher, split_paths
 
@@ -74,7 +75,7 @@ def export(checkpoint: str, data: str, out_dir: str, quantization: str = "int8",
     model = load_teacher(paths, task, precision="fp32", teacher_data_dir=data).models[0]
     record = {
         "checkpoint": os.path.abspath(paths[0]),
-        "sha256": file_sha256(paths[0]),
+        "sha256": sha256_of(paths[0]),
         "arch": cfg.model.arch,
         "quantization": quantization,
         "source_lang": task.cfg.source_lang,
@@ -214,7 +215,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     with exit_on_error("fairseq-kd-export"):
         if args.command == "export":
-            import fairseq_kd  # noqa: F401  (safe checkpoint loading)
+            from fairseq_kd.checkpoints import install_checkpoint_loader, install_safe_globals
+
+            install_safe_globals()  # safe checkpoint loading (weights_only, fairseq's classes allow-listed)
+            install_checkpoint_loader()
 
             try:
                 import ctranslate2  # noqa: F401
@@ -225,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(json.dumps(dict(record, out_dir=os.path.abspath(args.out_dir),
                                   bytes=folder_bytes(args.out_dir)), indent=1))
             return
-        from fairseq_kd.decoding.corpus import read_text_lines
+        from fairseq_kd.textio import read_text_lines
 
         lines = read_text_lines(args.input)
         model = Exported(args.model, device=args.device, threads=args.threads, compute_type=args.compute_type)
