@@ -13,8 +13,9 @@ measurement:
 
 * peak memory (max RSS of the main process and of one worker) at ``--small`` and ``--large`` pairs
   with 2 workers;
-* throughput with 1 and 2 workers on ``--speed`` pairs: wall time, and CPU time per line (main process
-  plus workers), which stays meaningful on a shared machine;
+* throughput with 1 and 2 workers on ``--speed`` pairs, ``--repeat`` times each, alternating: wall time (the
+  fastest run of each, the one least disturbed by other work), and CPU time per line (main process plus
+  workers), which stays meaningful on a shared machine;
 * the time extrapolated for each WMT pair at 8 and 32 workers, from the CPU time per line with 1
   worker, the parallel efficiency measured with 2, and the main process' own CPU time per line (the
   ceiling on throughput however many workers there are).
@@ -136,13 +137,14 @@ def hms(seconds: float) -> str:
     return f"{h} h {m:02d} min"
 
 
-def report(args, small, large, one, two, commit, machine) -> str:
+def report(args, small, large, ones, twos, commit, machine) -> str:
+    one, two = min(ones, key=lambda r: r["wall"]), min(twos, key=lambda r: r["wall"])
     us = lambda r, key="cpu": 1e6 * r[key] / r["lines"]  # noqa: E731
     eff = us(one) / us(two)  # CPU per line with 1 worker / with 2 (parallel overhead)
     main_us = us(two, "main_cpu")
     lines = [
         f"Command: `python scripts/measure_prepare.py --out {args.out} --small {args.small} --large {args.large} "
-        f"--speed {args.speed} --merges {args.merges}` at commit `{commit}`; {machine}.",
+        f"--speed {args.speed} --repeat {args.repeat} --merges {args.merges}` at commit `{commit}`; {machine}.",
         "",
         "Peak memory (max RSS; 2 workers; the per-line steps: tokenization chain, BPE word counts, BPE, "
         "clean-corpus-n; the `short` corpus, Multi30k sentences cycled; the main process holds torch and fairseq, "
@@ -154,7 +156,9 @@ def report(args, small, large, one, two, commit, machine) -> str:
           f"{r['cpu']:.0f} s |" for r in (small, large)],
         "",
         f"Throughput on {one['lines']:,} lines of the `long` corpus (two Multi30k sentences a line, "
-        f"{one['words_per_line']:.1f} tokens a line after tokenization):",
+        f"{one['words_per_line']:.1f} tokens a line after tokenization); the fastest of {len(ones)} runs each "
+        f"(wall times of all runs: 1 worker " + ", ".join(f"{r['wall']:.1f}" for r in ones) + " s; 2 workers "
+        + ", ".join(f"{r['wall']:.1f}" for r in twos) + " s):",
         "",
         "| workers | wall | lines/s (wall) | CPU per line (main + workers) | main process CPU per line |",
         "|---:|---:|---:|---:|---:|",
@@ -163,7 +167,7 @@ def report(args, small, large, one, two, commit, machine) -> str:
         "",
         f"Speed-up of 2 workers over 1: {one['wall'] / two['wall']:.2f}x in wall time; from CPU time, "
         f"2 x {eff:.3f} = {2 * eff:.2f}x (the speed-up on 2 free cores: the parallel overhead is "
-        f"{100 * (1 / eff - 1):.1f}% more CPU per line).",
+        f"{100 * (1 / eff - 1):+.1f}% CPU per line).",
         "",
         "Per step, 1 worker (CPU per line): " + ", ".join(
             f"{name} {1e6 * s['cpu'] / one['lines']:.0f} µs" for name, s in one["steps"].items()) + ".",
@@ -180,7 +184,7 @@ def report(args, small, large, one, two, commit, machine) -> str:
         n = 2 * pairs
         t = {w: max(n * us(one) / (w * eff), n * main_us) / 1e6 for w in (8, 32)}
         lines.append(f"| {name} | {pairs / 1e6:.2f}M | {hms(t[8])} | {hms(t[32])} |")
-    lines += ["", "Raw results:", "", "```json", json.dumps([small, large, one, two], indent=1), "```"]
+    lines += ["", "Raw results:", "", "```json", json.dumps([small, large, *ones, *twos], indent=1), "```"]
     return "\n".join(lines)
 
 
@@ -192,6 +196,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=250_000, help="pairs of the small memory run (2 lines each)")
     parser.add_argument("--large", type=int, default=1_000_000, help="pairs of the large memory run and the corpus")
     parser.add_argument("--speed", type=int, default=50_000, help="pairs of the 1- and 2-worker throughput runs")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each throughput measurement (the fastest is reported)")
     parser.add_argument("--merges", type=int, default=10_000, help="BPE merges learned for the runs")
     parser.add_argument("--codes-pairs", type=int, default=50_000, help="pairs the BPE codes are learned on")
     parser.add_argument("--machine", default="", help="a note on the machine (e.g. shared with other jobs)")
@@ -230,9 +235,11 @@ def main() -> None:
     machine = args.machine or f"{os.cpu_count()} cores, load average {load:.1f} at the start"
     small = run_child(args, args.small, 2, codes, "short")
     large = run_child(args, args.large, 2, codes, "short")
-    one = run_child(args, args.speed, 1, codes, "long")
-    two = run_child(args, args.speed, 2, codes, "long")
-    text = report(args, small, large, one, two, commit, machine)
+    ones, twos = [], []
+    for _ in range(args.repeat):
+        ones.append(run_child(args, args.speed, 1, codes, "long"))
+        twos.append(run_child(args, args.speed, 2, codes, "long"))
+    text = report(args, small, large, ones, twos, commit, machine)
     print(text)
     if args.markdown:
         with open(args.markdown + ".tmp", "w", encoding="utf-8") as f:
