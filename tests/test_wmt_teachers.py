@@ -124,7 +124,7 @@ def test_fake_archives_have_the_published_format(tmp_path):
     assert read_codes(str(archive / "bpecodes")) == ("fastbpe", merges)
 
 
-@pytest.mark.parametrize("key", ["wmt14.en-fr", "wmt16.en-de", "wmt19.en-de"])
+@pytest.mark.parametrize("key", ["wmt14.en-fr", "wmt16.en-de", "wmt19.en-de", "wmt19.en-de.single", "wmt19.de-en"])
 @pytest.mark.e2e
 def test_published_teacher_layout_through_the_recipe(tmp_path, key):
     layout = LAYOUTS[key]
@@ -150,24 +150,6 @@ def test_published_teacher_layout_through_the_recipe(tmp_path, key):
     ckpts = ":".join(str(archive / n) for n in sorted(os.listdir(archive)) if n.endswith(".pt"))
     assert "done training" in teacher_log and ckpts in teacher_log
     assert len(read(work / "teacher.test.hyp")) == 30 and len(read(work / "student_word_kd.test.hyp")) == 30
-
-
-@pytest.mark.e2e
-def test_wmt19_de_en_ensemble_prepares_the_student_data_with_its_segmentation(tmp_path):
-    """De-En has no recipe pair: its archive goes through prepare_bpe --teacher-dir and fairseq-generate."""
-    from fairseq_kd.prepare_bpe import prepare_bpe
-
-    layout = LAYOUTS["wmt19.de-en"]
-    archive, merges = build_archive(tmp_path, layout)
-    out = tmp_path / "student"
-    bin_dir = prepare_bpe(layout.corpus, DATA, "de", "en", str(out), train_lines=200, valid_lines=20, test_lines=20,
-                          test_from_valid=30, teacher_dir=str(archive))
-    assert read(out / "bpecodes")[0] == "#version: 0.2" and read(out / "bpecodes")[1:] == merges
-    ckpts = ":".join(str(archive / f"model{i}.pt") for i in range(1, 5))
-    proc = cli.run("fairseq_cli.generate", [bin_dir, "--user-dir", cli.USER_DIR, "--path", ckpts, "--gen-subset",
-                                            "test", "--beam", "1", "--max-len-b", "5", "--remove-bpe", "--cpu",
-                                            "--batch-size", "8", *cli.GENERATE_BATCHING])
-    assert sum(line.startswith("H-") for line in proc.stdout.splitlines()) == 20
 
 
 def test_bad_codes_file_is_a_one_line_error(tmp_path):

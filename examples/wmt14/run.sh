@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Knowledge distillation on the WMT pairs of the papers (WMT'14 En-De, En-Fr; WMT'16 En-Ro), end to end.
+# Knowledge distillation on the WMT pairs of the papers (WMT'14 En-De, En-Fr; WMT'16 En-Ro), end to end;
+# de-en is En-De's data the other way round (e.g. for fairseq's published WMT'19 De-En teacher).
 #
-#   bash examples/wmt14/run.sh --pair en-de|en-fr|en-ro --scale cpu|full [--data-root DIR] [--work DIR]
+#   bash examples/wmt14/run.sh --pair en-de|en-fr|en-ro|de-en --scale cpu|full [--data-root DIR] [--work DIR]
 #        [--students "LIST"] [--checksums FILE] [--rounds N] [--unlabeled FILE]
 #
 # Stages (scripts/lib/pipeline.sh, shared with the main job): [prepare_wmt] -> prepare -> teacher ->
@@ -103,9 +104,9 @@ done
 
 # ---- required inputs ------------------------------------------------------------------------------
 case $PAIR in
-    en-de | en-fr | en-ro) ;;
-    '') die "--pair is required: en-de, en-fr or en-ro" ;;
-    *) die "--pair must be en-de, en-fr or en-ro, got $PAIR" ;;
+    en-de | en-fr | en-ro | de-en) ;;
+    '') die "--pair is required: en-de, en-fr, en-ro or de-en" ;;
+    *) die "--pair must be en-de, en-fr, en-ro or de-en, got $PAIR" ;;
 esac
 case $SCALE in
     cpu | full) ;;
@@ -126,8 +127,9 @@ case ${SEGMENTATION:-spm} in spm | bpe) ;; *) die "--segmentation must be spm or
 case $TEACHER_PRECISION in fp32 | fp16 | bf16) ;; *) die "--teacher-precision must be fp32, fp16 or bf16" ;; esac
 [[ -z $TEACHER_DIR || -d $TEACHER_DIR ]] || die "teacher folder $TEACHER_DIR not found (--teacher-dir)"
 [[ -z $COMET_MODEL || -e $COMET_MODEL ]] || die "COMET model $COMET_MODEL not found (--comet-model)"
-SRC=en
-TGT=${PAIR#en-}
+SRC=${PAIR%-*}
+TGT=${PAIR#*-}
+CORPUS_PAIR=en-$([[ $SRC == en ]] && echo "$TGT" || echo "$SRC")  # de-en reads the En-De corpus
 CHECKSUMS=$(abspath "$CHECKSUMS")
 UNLABELED=$(abspath "$UNLABELED")
 TEACHER_DIR=$(abspath "$TEACHER_DIR")
@@ -237,7 +239,7 @@ pipeline_setup
 
 prepare_wmt() {  # no stage marker: prepare-wmt.sh skips its own finished steps, and verifies the
                  # archives again whenever --checksums is given
-    run env PYTHON="$PYTHON" bash "$REPO/scripts/prepare-wmt.sh" --pair "$PAIR" --out "$DATA_ROOT/$CORPUS" \
+    run env PYTHON="$PYTHON" bash "$REPO/scripts/prepare-wmt.sh" --pair "$CORPUS_PAIR" --out "$DATA_ROOT/$CORPUS" \
         ${CHECKSUMS:+--checksums "$CHECKSUMS"}
 }
 
