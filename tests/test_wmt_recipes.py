@@ -725,7 +725,7 @@ def test_wmt_run_rounds_at_cpu_scale_default_to_the_training_source(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ([], "--pair is required"),
-    (["--pair", "en-xx", "--scale", "cpu"], "--pair must be en-de, en-fr or en-ro, got en-xx"),
+    (["--pair", "en-xx", "--scale", "cpu"], "--pair must be en-de, en-fr, en-ro or de-en, got en-xx"),
     (["--pair", "en-de"], "--scale is required"),
     (["--pair", "en-de", "--scale", "gpu"], "--scale must be cpu or full, got gpu"),
     (["--pair", "en-de", "--scale", "cpu", "--checksums", "x"], "--checksums is for the WMT downloads of --scale full"),
