@@ -117,24 +117,51 @@ def learn_codes(texts: Sequence[str], merges: int, dest: str, workers: int = 1) 
     os.replace(tmp, dest)
 
 
+class _CleanChunks:
+    """clean-corpus-n on one chunk of the four files (BPE'd pair, raw pair): ``(read, kept, four outputs)``."""
+
+    def __init__(self, paths: Sequence[str], factored: bool, max_tokens: int, ratio: float):
+        self.paths, self.factored, self.max_tokens, self.ratio = paths, factored, max_tokens, ratio
+
+    def __call__(self, task) -> Tuple[int, int, List[bytes]]:
+        from fairseq_kd.streaming import decode_lines
+
+        sides = [decode_lines(blob, first, path) for (blob, first), path in zip(task, self.paths)]
+        if len({len(side) for side in sides}) > 1:
+            n = task[0][1] + min(len(side) for side in sides)
+            raise DistillationError(f"{' and '.join(self.paths)} differ in length after line {n}; "
+                                    f"re-run the preparation from its tokenization step (remove those files)")
+        outs: List[List[str]] = [[], [], [], []]
+        pairs = zip(sides[0], sides[1])
+        for cleaned, rs, rt in zip(rules.clean_corpus_n(pairs, 1, self.max_tokens, self.ratio, factored=self.factored),
+                                   sides[2], sides[3]):
+            if cleaned is not None:
+                for out, line in zip(outs, (*cleaned, rs, rt)):
+                    out.append(line)
+        return len(sides[0]), len(outs[0]), ["".join(line + "\n" for line in out).encode("utf-8") for out in outs]
+
+
 def filter_pairs(bpe: Tuple[str, str], raw: Tuple[str, str], out_bpe: Tuple[str, str], out_raw: Tuple[str, str],
-                 max_tokens: int = MAX_TOKENS, ratio: float = MAX_RATIO) -> Tuple[int, int]:
-    """clean-corpus-n over the BPE'd pair files ``bpe``, streamed; the kept pairs (squeezed as the script
-    writes them) go to ``out_bpe`` and their raw lines to ``out_raw``.  Returns ``(read, kept)``."""
-    outs = [*out_bpe, *out_raw]
+                 max_tokens: int = MAX_TOKENS, ratio: float = MAX_RATIO, workers: int = 1) -> Tuple[int, int]:
+    """clean-corpus-n over the BPE'd pair files ``bpe``, streamed, in ``workers`` processes; the kept pairs
+    (squeezed as the script writes them) go to ``out_bpe`` and their raw lines to ``out_raw``.  Returns
+    ``(read, kept)``."""
+    from fairseq_kd.streaming import CHUNK_LINES, ordered_map, raw_chunks
+
+    paths, outs = (*bpe, *raw), [*out_bpe, *out_raw]
+    first = [next(read_text_lines(p), "") for p in bpe]
+    factored = "|" in first[0] or "|" in first[1]  # the script decides on its first pair
     tmps = [unique_tmp(p) for p in outs]
     read = kept = 0
     try:
-        files = [open(t, "w", encoding="utf-8", newline="\n") for t in tmps]
+        files = [open(t, "wb") for t in tmps]
         try:
-            streams = [read_text_lines(p) for p in (*bpe, *raw)]
-            bpe_pairs = zip(streams[0], streams[1])
-            for cleaned, rs, rt in zip(rules.clean_corpus_n(bpe_pairs, 1, max_tokens, ratio), streams[2], streams[3]):
-                read += 1
-                if cleaned is not None:
-                    for f, line in zip(files, (*cleaned, rs, rt)):
-                        f.write(line + "\n")
-                    kept += 1
+            tasks = zip(*(raw_chunks(p, CHUNK_LINES) for p in paths))
+            for n, k, data in ordered_map(_CleanChunks, (paths, factored, max_tokens, ratio), tasks, workers,
+                                          warm=lambda fn, task: None):
+                for f, d in zip(files, data):
+                    f.write(d)
+                read, kept = read + n, kept + k
         finally:
             for f in files:
                 f.close()
@@ -242,7 +269,7 @@ def prepare_bpe(corpus: str, data_root: str, src: str, tgt: str, out: str, train
             continue
         pick = lambda d: tuple(os.path.join(d, n) for n in names)  # noqa: E731
         if split in FILTERED:
-            read, kept = filter_pairs(pick(bpe_dir), pick(sliced), pick(text_dir), pick(raw_dir))
+            read, kept = filter_pairs(pick(bpe_dir), pick(sliced), pick(text_dir), pick(raw_dir), workers=workers)
             print(f"{split}: {kept} of {read} pairs kept by clean-corpus-n -ratio {MAX_RATIO} 1 {MAX_TOKENS} (after BPE)")
         else:
             for a, b in ((pick(bpe_dir), pick(text_dir)), (pick(sliced), pick(raw_dir))):

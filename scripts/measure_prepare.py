@@ -102,7 +102,7 @@ def child(args) -> None:
                  args.workers)
     t, c = mark("bpe", t, c)
     pick = lambda p: tuple(os.path.join(work, f"{p}.{lang}") for lang in ("en", "de"))  # noqa: E731
-    read, kept = pb.filter_pairs(pick("bpe"), pick("raw"), pick("clean"), pick("clean_raw"))
+    read, kept = pb.filter_pairs(pick("bpe"), pick("raw"), pick("clean"), pick("clean_raw"), workers=args.workers)
     with open(os.path.join(work, "tok.en"), encoding="utf-8") as f:
         words = sum(len(line.split()) for line in f)
     mark("clean-corpus-n", t, c)

@@ -81,3 +81,57 @@ def test_learned_codes_equal_learn_bpe_on_the_concatenated_text(tmp_path):
     with open(joined) as f, open(tmp_path / "ref", "w") as out:
         learn_bpe(f, out, 60)
     assert (tmp_path / "codes").read_text() == (tmp_path / "ref").read_text()
+
+
+def test_worker_chunks_decode_as_read_text_lines(tmp_path):
+    """The workers decode raw chunks exactly as read_text_lines reads the file (BOM, CRLF, a lone CR inside a
+    line, a last line without newline), whatever the chunk boundaries."""
+    from fairseq_kd.textio import read_text_lines
+
+    src = tmp_path / "in.txt"
+    src.write_bytes("\ufeffa b\r\nc\rd\n\n  e  \r\r\nf".encode("utf-8"))
+    expected = list(read_text_lines(str(src)))
+    assert expected == ["a b", "c\rd", "", "  e  ", "f"]
+    for size in (1, 2, 3, 10):
+        got = [line for blob, first in streaming.raw_chunks(str(src), size)
+               for line in streaming.decode_lines(blob, first, str(src))]
+        assert got == expected
+    dest = tmp_path / "out.txt"
+    assert streaming.map_file(upper_chunks, (), str(src), str(dest), workers=2, chunk_lines=2) == 5
+    assert dest.read_bytes() == "A B\nC\rD\n\n  E  \nF\n".encode("utf-8")
+
+
+def test_invalid_utf8_in_a_worker_chunk_names_the_file_and_line(tmp_path):
+    from fairseq_kd.errors import DistillationError
+
+    src, dest = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_bytes(b"".join(b"line %d\n" % i for i in range(25)) + b"caf\xe9\n")
+    with pytest.raises(DistillationError, match=r"in\.txt:26: not valid UTF-8 \(byte b'\\xe9' at column 4\)"):
+        streaming.map_file(upper_chunks, (), str(src), str(dest), workers=2, chunk_lines=4)
+    assert not dest.exists()
+
+
+def test_filter_pairs_in_two_workers_equals_one(tmp_path):
+    """clean-corpus-n in chunks over 2 workers writes the bytes of the serial run (and keeps the first pair's
+    factored-input decision for every chunk)."""
+    from fairseq_kd.prepare_bpe import filter_pairs
+
+    pairs = [(f"w{i} " * (1 + i % 7), f"v{i} " * (1 + (i * 3) % 11)) for i in range(997)]
+    pairs[5] = ("a | b", "c d")  # not the first pair: '|' is deleted (the script's non-factored input)
+    pairs[9] = ("", "x")
+    bpe = (tmp_path / "bpe.en", tmp_path / "bpe.de")
+    raw = (tmp_path / "raw.en", tmp_path / "raw.de")
+    for side in (0, 1):
+        bpe[side].write_text("".join(p[side] + "\n" for p in pairs))
+        raw[side].write_text("".join(f"raw {i} {side}\n" for i in range(len(pairs))))
+    results = {}
+    for workers in (1, 2):
+        outs = [tmp_path / f"{name}{workers}" for name in ("ce", "cd", "re", "rd")]
+        counts = filter_pairs(tuple(map(str, bpe)), tuple(map(str, raw)), tuple(map(str, outs[:2])),
+                              tuple(map(str, outs[2:])), workers=workers)
+        results[workers] = counts, [o.read_bytes() for o in outs]
+    assert results[1] == results[2]
+    (read, kept), (ce, cd, re_, rd) = results[1]
+    assert read == 997 and 0 < kept < 997
+    assert b"a b\n" in ce and b"raw 9 0\n" not in re_
+    assert len(ce.splitlines()) == len(rd.splitlines()) == kept

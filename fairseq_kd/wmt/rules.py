@@ -56,15 +56,15 @@ def _squeeze(line: str, drop_bars: bool) -> str:
 
 
 def clean_corpus_n(pairs: Iterable[Tuple[str, str]], min_len: int = 1, max_len: int = 250, ratio: float = 1.5,
-                   max_word_length: int = 1000) -> Iterator[Optional[Tuple[str, str]]]:
+                   max_word_length: int = 1000, factored: Optional[bool] = None) -> Iterator[Optional[Tuple[str, str]]]:
     """clean-corpus-n.perl over ``(l1, l2)`` lines: for each pair, the whitespace-squeezed pair it writes or None.
 
     As the Perl script: ``|`` is deleted unless the first pair holds one (factored input); runs of whitespace
     become one space and the ends are trimmed; a pair is dropped when a side is empty, has fewer than
     ``min_len`` or more than ``max_len`` words, a word-count ratio above ``ratio`` either way, or a word
-    longer than ``max_word_length`` characters.
+    longer than ``max_word_length`` characters.  ``factored`` given: the first pair's answer, for a piece
+    of a file that does not start at its first pair.
     """
-    factored = None
     for f, e in pairs:
         if factored is None:
             factored = "|" in e or "|" in f
