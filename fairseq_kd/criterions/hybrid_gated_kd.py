@@ -4,7 +4,7 @@
 level matches the teacher's distribution, the sentence level trains on the teacher's argmax output
 (the paper's Figure 1); how G is computed and trained is reconstructed. The levels, the gate units and
 the gate's objective live in :mod:`fairseq_kd.modules.hybrid_gate`, the online greedy translation in
-:mod:`fairseq_kd.teacher.greedy`; the readings, limits (``--gate fixed`` at 1 is ``word_kd``, at 0
+:mod:`fairseq_kd.teacher.greedy`; the criterion runs the student's two passes (on y_hat, on gold); the readings, limits (``--gate fixed`` at 1 is ``word_kd``, at 0
 ``seq_kd``) and logged values are documented in docs/hybrid_gated_kd.md.  Validation: plain LS-NLL.
 """
 
@@ -18,11 +18,11 @@ from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd.cache.dataset import CachedTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
+from fairseq_kd.errors import DistillationError
 from fairseq_kd.losses.passes import PassBackward
 from fairseq_kd.modules import hybrid_gate
 from fairseq_kd.modules.hybrid_gate import GATES, SENT_TARGETS, TOKEN_PREFIXES, HybridGate
-from fairseq_kd.modules.hybrid_gate import decode_student, pooled_encoder_states  # noqa: F401  (re-exported)
-from fairseq_kd.teacher.greedy import greedy_teacher_translation, shift_right  # noqa: F401  (re-exported)
+from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class HybridGatedKDCriterion(KDCriterion):
         if teacher is None:  # validation
             return self.gold_forward(model, sample)
         step, alpha, kind = PassBackward(backward), self.alpha, self.gate_kind
-        net_input, target, pad = sample["net_input"], sample["target"], self.padding_idx
+        net_input = sample["net_input"]
         token_on_gold = self.use_token_level and self.token_prefix == "gold"
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
         decoder_in = step.shared(encoder_out)  # what the student's passes read
@@ -115,20 +115,18 @@ class HybridGatedKDCriterion(KDCriterion):
         logging_output, vocab, hyp_features = {}, None, None
         token_pos = token_mask = sent_pos = sent_mask = None  # per-position levels and their masks
         if self.use_sentence_level or self.token_prefix == "teacher":  # the student's pass on y_hat
-            token_pos, token_mask, sent_pos, sent_mask, hyp_features, vocab = hybrid_gate.hyp_pass(
-                self.cfg, sample, teacher, teacher_encoder_out, model, decoder_in, pad, self.eos,
-                self.use_token_level and not token_on_gold, self.use_sentence_level, self.temperature,
-                self.temperature_factor, self.eps, logging_output)
+            token_pos, token_mask, sent_pos, sent_mask, hyp_features, vocab = self.hyp_pass(
+                sample, teacher, teacher_encoder_out, model, decoder_in,
+                self.use_token_level and not token_on_gold, logging_output)
         logits = hybrid_gate.gate_logits(self.gate, encoder_out, hyp_features)
         token_w, sent_w = hybrid_gate.level_weights(logits, self.fixed_gate)
         token_pos, sent_pos = step(lambda: hybrid_gate.level_share(alpha, token_pos, token_w, kind)
                                    + hybrid_gate.level_share(alpha, sent_pos, sent_w, kind), token_pos, sent_pos)
 
         # gold target: the (1 - alpha) LS-NLL and the token level on gold prefixes; else logging only
-        gold_token, gold_mask, gold_ls, gold_nll = hybrid_gate.gold_pass(
-            model, teacher, teacher_encoder_out, sample, decoder_in, pad, self.eps, token_on_gold,
-            torch.is_grad_enabled() and (alpha < 1 or token_on_gold), self.temperature, self.temperature_factor,
-            logging_output)
+        gold_token, gold_mask, gold_ls, gold_nll = self.gold_pass(
+            model, teacher, teacher_encoder_out, sample, decoder_in, token_on_gold,
+            torch.is_grad_enabled() and (alpha < 1 or token_on_gold), logging_output)
         gold_token, gold_ls = step(lambda: hybrid_gate.level_share(alpha, gold_token, token_w, kind)
                                    + (1.0 - alpha) * gold_ls, gold_token, gold_ls)
         if token_on_gold:
@@ -143,6 +141,70 @@ class HybridGatedKDCriterion(KDCriterion):
         logging_output.update(**gate_log, **self.base_logging_output(sample, loss, gold_nll),
                               **hybrid_gate.gate_statistics(*gate_values))
         return loss, self.sample_size(sample), logging_output
+
+    # -- the passes ------------------------------------------------------------------
+
+    def sentence_target(self, sample, teacher, teacher_encoder_out, model):
+        """The teacher translation y_hat: ``target``, ``prev_output_tokens`` and, when known for free,
+        ``teacher_lprobs`` on its prefixes."""
+        pad, eos = self.padding_idx, self.eos
+        if self.sent_target == "offline":
+            if sample.get("teacher_target") is None:
+                raise DistillationError(
+                    "--hybrid-sent-target offline needs batches carrying the teacher's translations "
+                    "(sample key 'teacher_target'): pass --teacher-target-subset NAME to the "
+                    "distillation task, or use --hybrid-sent-target greedy-online"
+                )
+            target = sample["teacher_target"]
+            prev = sample.get("teacher_prev_output_tokens")
+            if prev is None:
+                prev = shift_right(target, pad, eos)
+            return {"target": target, "prev_output_tokens": prev, "teacher_lprobs": None}
+        return greedy_teacher_translation(
+            teacher, sample["net_input"], pad, eos, self.cfg.hybrid_max_len_a, self.cfg.hybrid_max_len_b,
+            max_decoder_positions(model, teacher), encoder_outs=teacher_encoder_out,
+        )
+
+    def hyp_pass(self, sample, teacher, teacher_encoder_out, model, encoder_out, token: bool, logging_output):
+        """The student's pass on the teacher translation y_hat (:meth:`sentence_target`): ``(L_tok, its
+        mask, L_sent, its mask)`` per position (None for a level not asked for: ``token``, the sentence
+        level unless used), the student's decoder states on y_hat and the vocabulary size; the levels'
+        logging values go to ``logging_output``.  Nothing full-size outlives the call but what backward needs."""
+        pad = self.padding_idx
+        hyp = self.sentence_target(sample, teacher, teacher_encoder_out, model)
+        hyp_teacher = hyp.pop("teacher_lprobs")
+        hyp_teacher = hyp_teacher if token else None  # unused: freed here
+        hyp_logits, hyp_features = hybrid_gate.decode_student(model, hyp["prev_output_tokens"], encoder_out)
+        token_pos = token_mask = sent_pos = sent_mask = None
+        if token:
+            token_pos, token_mask, token_log = hybrid_gate.token_terms(
+                teacher, teacher_encoder_out, hyp["prev_output_tokens"], hyp_logits, hyp["target"], pad,
+                self.temperature, self.temperature_factor, teacher_lprobs=hyp_teacher)
+            logging_output.update(token_log)
+        if self.use_sentence_level:
+            sent_pos, sent_mask, sent_log = hybrid_gate.sentence_terms(hyp_logits, hyp["target"], pad, self.eps)
+            logging_output.update(sent_log)
+        return token_pos, token_mask, sent_pos, sent_mask, hyp_features, hyp_logits.size(-1)
+
+    def gold_pass(self, model, teacher, teacher_encoder_out, sample, encoder_out, token: bool, grad: bool,
+                  logging_output):
+        """The student's pass on the gold target: ``(L_tok per position and its mask, or None, None unless
+        ``token``; LS-NLL; NLL)``, with gradients only when ``grad``; the token level's logging values go to
+        ``logging_output``.  The teacher runs first, so its logits are gone before the student's exist."""
+        prev, target, pad = sample["net_input"]["prev_output_tokens"], sample["target"], self.padding_idx
+        teacher_lprobs = None
+        if token:
+            cached = teacher_encoder_out is None  # the cache's top-k, else the live teacher's log-probabilities
+            teacher_lprobs = teacher.topk(sample) if cached else teacher.forward_decoder(prev, teacher_encoder_out)
+        logits, lprobs, gold_ls, gold_nll = hybrid_gate.gold_terms(model, prev, encoder_out, target, pad, self.eps, grad)
+        if not token:
+            return None, None, gold_ls, gold_nll
+        token_pos, token_mask, token_log = hybrid_gate.token_terms(
+            teacher, teacher_encoder_out, prev, logits, target, pad, self.temperature, self.temperature_factor,
+            teacher_lprobs=teacher_lprobs, student_lprobs=lprobs if self.temperature == 1.0 else None,
+        )
+        logging_output.update(token_log)
+        return token_pos, token_mask, gold_ls, gold_nll
 
     # -- metrics -------------------------------------------------------------------
 

@@ -7,8 +7,7 @@
   forcing on y_hat: the offline Seq-KD translation of the batch
   (``--hybrid-sent-target offline``) or the teacher's greedy translation
   decoded on the fly (``greedy-online``; the teacher's argmax on the y_hat
-  prefixes then reproduces y_hat, the spec's self-consistent reading)
-  (:func:`sentence_target`);
+  prefixes then reproduces y_hat, the spec's self-consistent reading);
 * ``u`` is the gate unit: the batch (``--gate fixed|scalar``), a sentence
   (``sentence``: G from the student's mean-pooled encoder output) or a
   position (``token``: G from the student's decoder state on y_hat, which
@@ -36,8 +35,9 @@ Why not a learning-progress reward: see docs/hybrid_gated_kd.md.
 
 The pure gate math (``gated_mixture``, ``gate_objective``,
 ``label_smoothing_floor``) lives in :mod:`fairseq_kd.losses`; this module
-holds the :class:`HybridGate` parameters, the student/teacher tensors the two
-levels are computed on, the mixtures per gate unit and the option checks.
+holds the :class:`HybridGate` parameters, the per-position terms of the two
+levels, the mixtures per gate unit and the option checks; the criterion
+(:mod:`fairseq_kd.criterions.hybrid_gated_kd`) runs the passes.
 """
 
 import math
@@ -51,7 +51,6 @@ from torch import Tensor, nn
 from fairseq_kd import losses
 from fairseq_kd.losses import block_max, common
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right
 
 GATES = ("fixed", "scalar", "sentence", "token")
 SENT_TARGETS = ("greedy-online", "offline")
@@ -172,28 +171,6 @@ def pooled_encoder_states(encoder_out) -> Tensor:
     return (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
 
-def sentence_target(cfg, sample, teacher, teacher_encoder_out, model, pad: int, eos: int) -> Dict[str, Tensor]:
-    """The teacher translation y_hat: ``target``, ``prev_output_tokens`` and,
-    when known for free, ``teacher_lprobs`` on its prefixes."""
-    if str(cfg.hybrid_sent_target) == "offline":
-        if sample.get("teacher_target") is None:
-            raise DistillationError(
-                "--hybrid-sent-target offline needs batches carrying the teacher's translations "
-                "(sample key 'teacher_target'): pass --teacher-target-subset NAME to the "
-                "distillation task, or use --hybrid-sent-target greedy-online"
-            )
-        target = sample["teacher_target"]
-        prev = sample.get("teacher_prev_output_tokens")
-        if prev is None:
-            prev = shift_right(target, pad, eos)
-        return {"target": target, "prev_output_tokens": prev, "teacher_lprobs": None}
-    return greedy_teacher_translation(
-        teacher, sample["net_input"], pad, eos,
-        cfg.hybrid_max_len_a, cfg.hybrid_max_len_b,
-        max_decoder_positions(model, teacher), encoder_outs=teacher_encoder_out,
-    )
-
-
 def token_level(
     teacher, teacher_encoder_out, prefix: Tensor, student_logits: Tensor, target: Tensor, pad: int,
     temperature: float, teacher_lprobs: Optional[Tensor] = None, student_lprobs: Optional[Tensor] = None,
@@ -240,49 +217,6 @@ def sentence_terms(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
     """``(L_sent per position [B, T], its mask, logging values sent_loss, sent_nll, sent_tokens)``."""
     ls, nll, mask = sentence_level(hyp_logits, target, pad, eps)
     return ls, mask, dict(sent_loss=ls.sum().data, sent_nll=nll.sum().data, sent_tokens=mask.sum())
-
-
-def hyp_pass(cfg, sample, teacher, teacher_encoder_out, model, encoder_out, pad: int, eos: int, token: bool,
-             sentence: bool, temperature: float, temperature_factor: float, eps: float, logging_output: Dict):
-    """The student's pass on the teacher translation y_hat (:func:`sentence_target`):
-    ``(L_tok, its mask, L_sent, its mask)`` per position (None for a level not asked for: ``token``,
-    ``sentence``), the student's decoder states on y_hat and the vocabulary size; the levels' logging
-    values go to ``logging_output``.  Nothing full-size outlives the call but what backward needs."""
-    hyp = sentence_target(cfg, sample, teacher, teacher_encoder_out, model, pad, eos)
-    hyp_teacher = hyp.pop("teacher_lprobs")
-    hyp_teacher = hyp_teacher if token else None  # unused: freed here
-    hyp_logits, hyp_features = decode_student(model, hyp["prev_output_tokens"], encoder_out)
-    token_pos = token_mask = sent_pos = sent_mask = None
-    if token:
-        token_pos, token_mask, token_log = token_terms(
-            teacher, teacher_encoder_out, hyp["prev_output_tokens"], hyp_logits, hyp["target"], pad, temperature,
-            temperature_factor, teacher_lprobs=hyp_teacher)
-        logging_output.update(token_log)
-    if sentence:
-        sent_pos, sent_mask, sent_log = sentence_terms(hyp_logits, hyp["target"], pad, eps)
-        logging_output.update(sent_log)
-    return token_pos, token_mask, sent_pos, sent_mask, hyp_features, hyp_logits.size(-1)
-
-
-def gold_pass(model, teacher, teacher_encoder_out, sample, encoder_out, pad: int, eps: float, token: bool,
-              grad: bool, temperature: float, temperature_factor: float, logging_output: Dict):
-    """The student's pass on the gold target: ``(L_tok per position and its mask, or None, None unless
-    ``token``; LS-NLL; NLL)``, with gradients only when ``grad``; the token level's logging values go to
-    ``logging_output``.  The teacher runs first, so its logits are gone before the student's exist."""
-    prev, target = sample["net_input"]["prev_output_tokens"], sample["target"]
-    teacher_lprobs = None
-    if token:
-        cached = teacher_encoder_out is None  # the cache's top-k, else the live teacher's log-probabilities
-        teacher_lprobs = teacher.topk(sample) if cached else teacher.forward_decoder(prev, teacher_encoder_out)
-    logits, lprobs, gold_ls, gold_nll = gold_terms(model, prev, encoder_out, target, pad, eps, grad)
-    if not token:
-        return None, None, gold_ls, gold_nll
-    token_pos, token_mask, token_log = token_terms(
-        teacher, teacher_encoder_out, prev, logits, target, pad, temperature, temperature_factor,
-        teacher_lprobs=teacher_lprobs, student_lprobs=lprobs if temperature == 1.0 else None,
-    )
-    logging_output.update(token_log)
-    return token_pos, token_mask, gold_ls, gold_nll
 
 
 def student_loss(alpha: float, hybrid: Tensor, gold_ls: Tensor, gate_objective: Optional[Tensor]):
