@@ -34,7 +34,6 @@ uninterrupted one would on every rank, and ``N`` ranks draw what one rank with `
 """
 
 import hashlib
-import logging
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -53,8 +52,6 @@ from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.losses.block_max import argmax_ids
 from fairseq_kd.teacher.greedy import _LastPositionScores, max_decoder_positions, shift_right
-
-logger = logging.getLogger(__name__)
 
 UNITS = ("batch", "sentence")
 GENERATIONS = ("sample", "greedy")
