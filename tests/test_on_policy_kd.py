@@ -226,9 +226,9 @@ def test_bfloat16_student():
 
 def test_metrics_nll_over_reference_tokens_and_on_policy_share():
     logs = [dict(loss=10.0, nll_loss=6.0, ntokens=20, nsentences=4, sample_size=20, kd_loss=8.0, kd_agree=5,
-                 kd_tokens=20, on_policy_rows=3, gen_tokens=15, gold_tokens=5),
+                 kd_tokens=20, rows=4, on_policy_rows=3, gen_tokens=15, gold_tokens=5),
             dict(loss=4.0, nll_loss=0.0, ntokens=10, nsentences=2, sample_size=10, kd_loss=4.0, kd_agree=2,
-                 kd_tokens=10, on_policy_rows=2, gen_tokens=10, gold_tokens=0)]
+                 kd_tokens=10, rows=2, on_policy_rows=2, gen_tokens=10, gold_tokens=0)]
     with metrics.aggregate(new_root=True) as agg:
         OnPolicyKDCriterion.reduce_metrics(logs)
         values = agg.get_smoothed_values()
@@ -237,6 +237,13 @@ def test_metrics_nll_over_reference_tokens_and_on_policy_share():
     assert values["kd_loss"] == pytest.approx(12.0 / 30, abs=1e-4)
     assert values["on_policy_frac"] == pytest.approx(5 / 6, abs=1e-4)
     assert values["gen_len"] == pytest.approx(25 / 5, abs=1e-4)
+    # validation (no teacher): word_kd's metrics only, the gold NLL over every token
+    valid = [dict(loss=3.0, nll_loss=2.0, ntokens=10, nsentences=2, sample_size=10)]
+    with metrics.aggregate(new_root=True) as agg:
+        OnPolicyKDCriterion.reduce_metrics(valid)
+        values = agg.get_smoothed_values()
+    assert set(values) == {"loss", "nll_loss", "ppl"}
+    assert values["nll_loss"] == pytest.approx(2.0 / 10 / math.log(2), abs=1e-3)
 
 
 # ---- the random state ------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ def mixed_sample(sample, rows: Tensor, generated: Tensor, pad: int, eos: int):
 class OnPolicyKDCriterion(WordKDCriterion):
     per_token_keys = ("kd_loss",)
     ratio_keys = WordKDCriterion.ratio_keys + (
-        ("on_policy_rows", "nsentences", "on_policy_frac"), ("gen_tokens", "on_policy_rows", "gen_len"))
+        ("on_policy_rows", "rows", "on_policy_frac"), ("gen_tokens", "on_policy_rows", "gen_len"))
 
     def __init__(self, task, cfg: OnPolicyKDConfig):
         super().__init__(task, cfg)
@@ -252,8 +252,8 @@ class OnPolicyKDCriterion(WordKDCriterion):
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, ids, target)
         row_tokens = target.ne(self.padding_idx).sum(dim=1)
         logging_output.update(
-            on_policy_rows=on_policy.sum(), gen_tokens=row_tokens[on_policy].sum(),
-            gold_tokens=row_tokens[~on_policy].sum())
+            rows=target.size(0), on_policy_rows=on_policy.sum(), gen_tokens=row_tokens[on_policy].sum(),
+            gold_tokens=row_tokens[~on_policy].sum())  # training only: validation logs none of them
         return loss, self.sample_size(sample), logging_output
 
     # -- metrics ------------------------------------------------------------------------------------
