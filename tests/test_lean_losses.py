@@ -56,6 +56,11 @@ def ref_skew(student_lprobs, teacher_lprobs, mask, lam, reverse):
     return ref_kl(anchor, mixture, mask)
 
 
+def ref_jsd(student_lprobs, teacher_lprobs, mask, beta):
+    mixture = torch.logaddexp(teacher_lprobs + math.log(beta), student_lprobs + math.log1p(-beta))
+    return beta * ref_kl(teacher_lprobs, mixture, mask) + (1 - beta) * ref_kl(student_lprobs, mixture, mask)
+
+
 def ref_floored(student_lprobs, teacher_lprobs, mask, eps):
     ps, pt = student_lprobs.exp(), teacher_lprobs.exp()
     return (pt * (torch.log(pt + eps) - torch.log(ps + eps))).sum(-1).masked_fill(~mask, 0.0)
@@ -66,6 +71,7 @@ REFERENCES = {
     "rkl": ref_reverse_kl,
     "skl": lambda s, t, m: ref_skew(s, t, m, 0.1, False),
     "srkl": lambda s, t, m: ref_skew(s, t, m, 0.1, True),
+    "jsd": lambda s, t, m: ref_jsd(s, t, m, 0.5),
 }
 
 

@@ -6,3 +6,4 @@ from fairseq_kd.criterions import seq_kd  # noqa: F401
 from fairseq_kd.criterions import self_evolution_kd  # noqa: F401
 from fairseq_kd.criterions import tie_kd  # noqa: F401
 from fairseq_kd.criterions import selective_kd  # noqa: F401
+from fairseq_kd.criterions import on_policy_kd  # noqa: F401

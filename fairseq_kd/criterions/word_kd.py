@@ -7,9 +7,10 @@ evaluated on the same gold prefixes (teacher forcing).  This is the exact KL
 gradient is the same), as in the NMT-KD reference implementation.
 
 ``--kd-divergence`` swaps the KL for the baselines users compare against:
-the reverse KL (mode-seeking) and DistiLLM's skew KL / skew reverse KL
-(Ko et al., ICML 2024) with ``--skew-lambda``; see
-:func:`fairseq_kd.losses.divergence_from_log_probs`.
+the reverse KL (mode-seeking), DistiLLM's skew KL / skew reverse KL
+(Ko et al., ICML 2024) with ``--skew-lambda``, and GKD's generalized
+Jensen-Shannon divergence (Agarwal et al., ICLR 2024) with ``--jsd-beta``; see
+:func:`fairseq_kd.losses.divergence_from_log_probs` and docs/on_policy_kd.md.
 """
 
 from dataclasses import dataclass, field
@@ -29,8 +30,14 @@ class WordKDConfig(KDCriterionConfig):
         default="kl",
         metadata={
             "help": "kl: KL(teacher || student); rkl: KL(student || teacher); skl / srkl: "
-            "DistiLLM's skew KL / skew reverse KL, the second argument mixed with the first"
+            "DistiLLM's skew KL / skew reverse KL, the second argument mixed with the first; jsd: GKD's "
+            "generalized Jensen-Shannon divergence (--jsd-beta)"
         },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "jsd: B of B*KL(teacher || M) + (1-B)*KL(student || M), M = B*teacher + (1-B)*student, "
+                  "in (0, 1); about B * forward KL near 0, (1-B) * reverse KL near 1 (unscaled, as GKD)"},
     )
     skew_lambda: float = field(
         default=0.1,
@@ -49,6 +56,10 @@ class WordKDCriterion(KDCriterion):
         super().__init__(task, cfg)
         if not 0.0 <= cfg.skew_lambda < 1.0:
             raise DistillationError(f"--skew-lambda must be in [0, 1), got {cfg.skew_lambda}")
+        if not 0.0 < cfg.jsd_beta < 1.0:
+            raise DistillationError(
+                f"--jsd-beta must be in (0, 1), got {cfg.jsd_beta}; its end points are --kd-divergence kl (B -> 0) "
+                f"and rkl (B -> 1)")
 
     @property
     def loss_functions(self):
@@ -67,10 +78,15 @@ class WordKDCriterion(KDCriterion):
             return f"--kd-topk-mode {self.cfg.kd_topk_mode} needs the full teacher distribution: pass --teacher-path"
         return None  # every divergence is taken on the teacher's top-k + tail buckets
 
+    @property
+    def divergence_options(self) -> dict:
+        """The divergence and its parameters, as the loss functions take them."""
+        return dict(divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda,
+                    jsd_beta=self.cfg.jsd_beta)
+
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
-            model, sample, teacher, *self.loss_functions,
-            divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda, **self.ablation,
+            model, sample, teacher, *self.loss_functions, **self.divergence_options, **self.ablation,
         )
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         return loss, self.sample_size(sample), logging_output

@@ -12,8 +12,8 @@ module                 owns
                        position, its floor), ``log_mean_exp``, top-1 agreement
 ``chunked``            the chunked per-position reductions every divergence
                        is computed with (``pair_divergence``, ``chunked_rows``)
-``divergences``        KL, reverse KL, skew KL / skew reverse KL
-                       (:data:`DIVERGENCES`), Word-KD's :func:`word_kd_loss`
+``divergences``        KL, reverse KL, skew KL / skew reverse KL, generalized
+                       JSD (:data:`DIVERGENCES`), Word-KD's :func:`word_kd_loss`
 ``ranking``            TIE-KD: floored KL, hierarchical ranking loss, the
                        per-iteration terms, their combination, next prefix
 ``self_evolution``     Self-Evolution KD: hard tokens, mixing ratios, proxy
@@ -58,6 +58,7 @@ from fairseq_kd.losses.common import (
 from fairseq_kd.losses.divergences import (
     DIVERGENCES,
     divergence_from_log_probs,
+    jsd_from_log_probs,
     kl_divergence,
     kl_from_log_probs,
     reverse_kl_from_log_probs,
@@ -122,6 +123,7 @@ __all__ = [
     "word_kd_loss",
     "reverse_kl_from_log_probs",
     "skew_kl_from_log_probs",
+    "jsd_from_log_probs",
     "divergence_from_log_probs",
     # ranking
     "TIE_KD_LOG_EPSILON",

@@ -1,9 +1,11 @@
 """Divergences between teacher and student distributions and Word-KD.
 
 The forward KL ``KL(p_t || p_s)`` (Word-KD, mode-covering), the reverse KL
-``KL(p_s || p_t)`` (mode-seeking) and DistiLLM's skew KL / skew reverse KL
-(Ko et al., ICML 2024), per position or summed, and :func:`word_kd_loss`, the
-LS-NLL + divergence combination of ``word_kd`` and ``seq_kd``.
+``KL(p_s || p_t)`` (mode-seeking), DistiLLM's skew KL / skew reverse KL
+(Ko et al., ICML 2024) and GKD's generalized Jensen-Shannon divergence
+(Agarwal et al., ICLR 2024; docs/on_policy_kd.md), per position or summed, and
+:func:`word_kd_loss`, the LS-NLL + divergence combination of ``word_kd``,
+``seq_kd`` and ``on_policy_kd``.
 
 Every divergence is computed in chunks of target positions
 (:func:`~fairseq_kd.losses.chunked.pair_divergence`,
@@ -31,8 +33,9 @@ from fairseq_kd.losses.common import (
 
 #: ``kl``: KL(p_t || p_s) (mode-covering, Word-KD); ``rkl``: KL(p_s || p_t)
 #: (mode-seeking); ``skl``: KL(p_t || l*p_t + (1-l)*p_s); ``srkl``:
-#: KL(p_s || l*p_s + (1-l)*p_t)  (Ko et al., DistiLLM, ICML 2024)
-DIVERGENCES = ("kl", "rkl", "skl", "srkl")
+#: KL(p_s || l*p_s + (1-l)*p_t)  (Ko et al., DistiLLM, ICML 2024); ``jsd``: the generalized JSD
+#: B*KL(p_t || M) + (1-B)*KL(p_s || M), M = B*p_t + (1-B)*p_s  (Agarwal et al., GKD, ICLR 2024)
+DIVERGENCES = ("kl", "rkl", "skl", "srkl", "jsd")
 
 
 def kl_from_log_probs(
@@ -81,6 +84,8 @@ def word_kd_loss(
     skew_lambda: float = 0.1,
     teacher_normalized: bool = False,
     release_teacher: bool = False,
+    jsd_beta: float = 0.5,
+    supervised: Optional[Tensor] = None,
 ):
     """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * D(p_t^tau, p_s^tau)``.
 
@@ -92,12 +97,18 @@ def word_kd_loss(
     ``tau == 1``; ``teacher_normalized`` says ``teacher_logits`` already are
     normalised log-probabilities (the live teacher's output), which are then
     used as they are at ``tau == 1``; ``release_teacher`` lets backward reuse
-    their storage (forward KL; see :func:`kl_from_log_probs`).  Returns ``(loss, nll_loss, kd_loss)`` sums;
+    their storage (forward KL; see :func:`kl_from_log_probs`); ``jsd_beta`` is
+    the B of ``divergence="jsd"``.  ``supervised`` (``[B]`` booleans, default all
+    True) names the rows whose target is a reference (gold or Seq-KD): the
+    LS-NLL is summed over those rows only, the divergence over every row
+    (``on_policy_kd``'s student-generated rows have no reference to smooth).
+    Returns ``(loss, nll_loss, kd_loss)`` sums;
     ``kd_loss`` is the unscaled divergence sum (``None`` without a teacher, in
     which case ``loss`` is the plain LS-NLL).
     """
     student_lprobs = log_probs(student_logits)
-    ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
+    nll_target = target if supervised is None else target.masked_fill(~supervised.unsqueeze(-1), padding_idx)
+    ls_loss, nll_loss = nll_from_log_probs(student_lprobs, nll_target, padding_idx, epsilon)
     if teacher_logits is None:
         return ls_loss, nll_loss, None
     mask = non_pad_mask(target, padding_idx)
@@ -107,7 +118,7 @@ def word_kd_loss(
         student_soft = log_probs(student_logits, temperature)
     kd_loss = divergence_from_log_probs(
         student_soft, teacher_log_probs(teacher_logits, temperature, teacher_normalized), mask, divergence,
-        skew_lambda, release_teacher,
+        skew_lambda, release_teacher, jsd_beta,
     ).sum()
     scale = temperature**2 if temperature_scale else 1.0
     loss = (1.0 - alpha) * ls_loss + alpha * scale * kd_loss
@@ -146,16 +157,44 @@ def skew_kl_from_log_probs(
     return chunked_rows(skew_rows, (anchor, other), mask)
 
 
+def jsd_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, beta: float = 0.5) -> Tensor:
+    """Per-position generalized Jensen-Shannon divergence (GKD, Agarwal et al., ICLR 2024)::
+
+        JSD_B(p_t || p_s) = B * KL(p_t || M) + (1 - B) * KL(p_s || M),   M = B * p_t + (1 - B) * p_s
+
+    with ``log M = logaddexp(log B + log p_t, log(1-B) + log p_s)``, chunk by chunk (one
+    chunk-sized ``log M`` at a time, as the skew KL).  ``B`` in (0, 1) is the teacher's
+    share of the mixture; the value is the unscaled ``JSD_B`` (GKD's), whose limits are
+    ``JSD_B / B -> KL(p_t || p_s)`` (forward KL) as ``B -> 0`` and
+    ``JSD_B / (1 - B) -> KL(p_s || p_t)`` (reverse KL) as ``B -> 1``: the end points
+    themselves are the divergences ``kl`` and ``rkl``.  Zero iff ``p_t = p_s``;
+    symmetric at ``B = 0.5``; the gradient reaches ``p_s`` through both terms
+    (it appears in ``M``).  ``0 * log 0 = 0`` on either side."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be in (0, 1), got {beta}; its limits are the kl (beta -> 0) and rkl "
+                         f"(beta -> 1) divergences")
+    log_beta, log_rest = math.log(beta), math.log1p(-beta)
+
+    def jsd_rows(teacher_rows, student_rows):
+        log_mixture = torch.logaddexp(teacher_rows + log_beta, student_rows + log_rest)
+        return beta * _xlogy_ratio(teacher_rows, log_mixture) + (1.0 - beta) * _xlogy_ratio(student_rows, log_mixture)
+
+    return chunked_rows(jsd_rows, (teacher_lprobs, student_lprobs), mask)
+
+
 def divergence_from_log_probs(
     student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1,
-    release_teacher: bool = False,
+    release_teacher: bool = False, jsd_beta: float = 0.5,
 ) -> Tensor:
     """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`);
-    ``release_teacher`` is that of :func:`kl_from_log_probs` (used by ``kl`` only)."""
+    ``release_teacher`` is that of :func:`kl_from_log_probs` (used by ``kl`` only); ``skew_lambda``
+    parametrises ``skl``/``srkl``, ``jsd_beta`` ``jsd``."""
     if divergence == "kl":
         return kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
     if divergence == "rkl":
         return reverse_kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
     if divergence in ("skl", "srkl"):
         return skew_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, skew_lambda, reverse=divergence == "srkl")
+    if divergence == "jsd":
+        return jsd_from_log_probs(student_lprobs, teacher_lprobs, mask, jsd_beta)
     raise ValueError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")

@@ -62,14 +62,15 @@ def bucket_target(target: Tensor, ids: Tensor) -> Tensor:
 
 def topk_divergence(
     student_lprobs: Tensor, ids: Tensor, topk_lprobs: Tensor, tail: Tensor, mask: Tensor,
-    divergence: str = "kl", skew_lambda: float = 0.1,
+    divergence: str = "kl", skew_lambda: float = 0.1, jsd_beta: float = 0.5,
 ) -> Tensor:
     """Per-position ``[B, T]`` divergence (:data:`~fairseq_kd.losses.DIVERGENCES`)
     between the bucketed teacher and the bucketed student (zero where ``mask``
     is False).  ``student_lprobs`` are already softened by the cache's
     temperature; the cached values were computed at it."""
     return divergence_from_log_probs(
-        student_buckets(student_lprobs, ids), teacher_buckets(topk_lprobs, tail), mask, divergence, skew_lambda
+        student_buckets(student_lprobs, ids), teacher_buckets(topk_lprobs, tail), mask, divergence, skew_lambda,
+        jsd_beta=jsd_beta,
     )
 
 
@@ -86,6 +87,7 @@ def word_kd_topk_loss(
     temperature_scale: bool = True,
     divergence: str = "kl",
     skew_lambda: float = 0.1,
+    jsd_beta: float = 0.5,
 ):
     """:func:`~fairseq_kd.losses.word_kd_loss` with the teacher given by its
     top-k: ``(1 - alpha) * LS-NLL + alpha * s * D(buckets_t, buckets_s^tau)``.
@@ -94,7 +96,7 @@ def word_kd_topk_loss(
     ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
     soft = student_lprobs if temperature == 1.0 else log_probs(student_logits, temperature)
     mask = non_pad_mask(target, padding_idx)
-    kd_loss = topk_divergence(soft, ids, topk_lprobs, tail, mask, divergence, skew_lambda).sum()
+    kd_loss = topk_divergence(soft, ids, topk_lprobs, tail, mask, divergence, skew_lambda, jsd_beta).sum()
     scale = temperature**2 if temperature_scale else 1.0
     return (1.0 - alpha) * ls_loss + alpha * scale * kd_loss, nll_loss, kd_loss
 
