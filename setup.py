@@ -57,6 +57,7 @@ setup(
             "fairseq-kd-analyze-teacher = fairseq_kd.study.teacher_analysis:main",
             "fairseq-kd-study-report = fairseq_kd.study.report:main",
             "fairseq-kd-export = fairseq_kd.export:main",
+            "fairseq-kd-deployment = fairseq_kd.deployment:main",
         ],
     },
     classifiers=[

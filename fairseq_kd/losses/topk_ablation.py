@@ -64,6 +64,7 @@ def word_kd_ablation_loss(
     divergence: str = "kl",
     skew_lambda: float = 0.1,
     topk_mode: str = "all",
+    jsd_beta: float = 0.5,
     teacher_normalized: bool = False,
 ):
     """Word-KD with the teacher's top-1 ablated (``topk_mode``, :data:`TOPK_MODES`).
@@ -78,12 +79,13 @@ def word_kd_ablation_loss(
     options = dict(epsilon=epsilon, alpha=alpha, temperature=temperature, temperature_scale=temperature_scale)
     if topk_mode == "all" or teacher_logits is None:
         return word_kd_loss(student_logits, teacher_logits, target, padding_idx, divergence=divergence,
-                            skew_lambda=skew_lambda, teacher_normalized=teacher_normalized, **options)
+                            skew_lambda=skew_lambda, jsd_beta=jsd_beta, teacher_normalized=teacher_normalized,
+                            **options)
     teacher_lprobs = log_probs(teacher_logits)
     if topk_mode == "no-top1":
         # log_softmax(log p_hat / tau) inside word_kd_loss is the tempered ablated distribution
         return word_kd_loss(student_logits, without_top1_log_probs(teacher_lprobs, target), target, padding_idx,
-                            divergence=divergence, skew_lambda=skew_lambda, **options)
+                            divergence=divergence, skew_lambda=skew_lambda, jsd_beta=jsd_beta, **options)
     if divergence != "kl":
         raise ValueError("the top1-only ablation is a weighted hard label, not a divergence; use divergence 'kl'")
     student_lprobs = log_probs(student_logits)
