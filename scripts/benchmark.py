@@ -12,7 +12,7 @@ optimizer step and the criterion's ``reduce_metrics``, as
 ``Trainer.train_step`` runs them -- for ``label_smoothed_cross_entropy``
 and every criterion of the project with a live teacher and with the offline
 top-k teacher cache (``NAME_cached``), plus the teacher's forward alone and the single passes
-TIE-KD and the gated hybrid need (their floors).  Timings are CPU seconds of
+TIE-KD, the gated hybrid and on-policy KD need (their floors).  Timings are CPU seconds of
 the process (one intra-op thread by default), medians over repetitions that
 interleave the criterions.  Peak memory is measured per criterion in a fresh
 child process (forked by a fork server that has imported torch and fairseq and
@@ -34,7 +34,7 @@ Usage::
     python scripts/benchmark.py --quick --json out.json    # tiny models and data (< 2 minutes)
 
 It prints a table of ratios to ``label_smoothed_cross_entropy``, the floors
-of ``tie_kd`` and ``hybrid_gated_kd``, and by how much each target is
+of ``tie_kd``, ``hybrid_gated_kd`` and ``on_policy_kd``, and by how much each target is
 missed; ``--json PATH`` writes the ratios (format in :func:`summary_json`).
 Students are randomly initialised for the step timings (the cost of a step
 does not depend on the weights); the teacher is trained briefly
@@ -98,6 +98,8 @@ def benchmark_vocab(info, arch, teacher, args, skipped, work):
         "tie_kd": (3 * (passes["student"] + passes["teacher"]) + passes["optimizer"]) / plain,
         "hybrid_gated_kd": (passes["student"] + passes["student_hyp"] + passes["teacher"] + passes["greedy"]
                             + passes["optimizer"]) / plain,
+        "on_policy_kd": (passes["student_gen"] + passes["teacher_gen"] + passes["student_on_gen"]
+                         + passes["optimizer"]) / plain,
     }
     timed = names + cached_names
     return {

@@ -17,8 +17,8 @@ pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip ins
                     "the benchmark decodes with it")
 
 CRITERIA = [
-    "label_smoothed_cross_entropy", "word_kd", "word_kd_rkl", "word_kd_skl", "word_kd_srkl", "tie_kd",
-    "self_evolution_kd", "hybrid_gated_kd", "selective_kd", "seq_kd",
+    "label_smoothed_cross_entropy", "word_kd", "word_kd_rkl", "word_kd_skl", "word_kd_srkl", "word_kd_jsd", "tie_kd",
+    "self_evolution_kd", "hybrid_gated_kd", "selective_kd", "seq_kd", "on_policy_kd",
 ]
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fairseq_kd.losses.chunked import _chunks, _flat, check_not_released, chunk_rows
 from fairseq_kd.losses.common import (
     _xlogy_ratio,
     chunked_rows,
@@ -157,13 +158,61 @@ def skew_kl_from_log_probs(
     return chunked_rows(skew_rows, (anchor, other), mask)
 
 
+def _jsd_mixture(teacher_rows: Tensor, student_rows: Tensor, beta: float) -> Tensor:
+    """``log M`` of one chunk: ``logaddexp(log B + log p_t, log(1-B) + log p_s)``."""
+    return torch.logaddexp(teacher_rows + math.log(beta), student_rows + math.log1p(-beta))
+
+
+def _weighted_log_ratio(log_p: Tensor, log_m: Tensor) -> Tensor:
+    """``p * (log p - log M)`` elementwise with ``0 * log 0 = 0`` (the gradient factor of each JSD term)."""
+    return (log_p - log_m).mul_(log_p.exp()).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+class _JSD(torch.autograd.Function):
+    """Per-row ``JSD_B`` of flattened ``[N, V]`` log-distributions, chunk by chunk, with its hand-written
+    gradient: ``d JSD / d log p_s = (1-B) p_s (log p_s - log M)`` and ``d JSD / d log p_t = B p_t (log p_t -
+    log M)`` (the terms through ``M`` cancel), so backward recomputes one ``log M`` per chunk and no graph.
+    Saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, teacher, student, mask, beta, chunk):
+        out = student.new_zeros(student.size(0), dtype=torch.promote_types(teacher.dtype, student.dtype))
+        with torch.no_grad():
+            for sel in _chunks(student.size(0), chunk, None):
+                t, s = teacher[sel], student[sel]
+                log_m = _jsd_mixture(t, s, beta)
+                out[sel] = beta * _xlogy_ratio(t, log_m) + (1.0 - beta) * _xlogy_ratio(s, log_m)
+        out.masked_fill_(~mask, 0.0)
+        ctx.save_for_backward(teacher, student, mask)
+        ctx.options = (beta, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        teacher, student, mask = ctx.saved_tensors
+        beta, chunk = ctx.options
+        need_t, need_s = ctx.needs_input_grad[:2]
+        g = grad_out.masked_fill(~mask, 0.0).unsqueeze(-1)
+        grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if need_t else None
+        grad_s = torch.empty_like(student, memory_format=torch.contiguous_format) if need_s else None
+        for sel in _chunks(student.size(0), chunk, None):
+            t, s = teacher[sel], student[sel]
+            log_m = _jsd_mixture(t, s, beta)
+            if need_t:
+                grad_t[sel] = _weighted_log_ratio(t, log_m).mul_(beta * g[sel])
+            if need_s:
+                grad_s[sel] = _weighted_log_ratio(s, log_m).mul_((1.0 - beta) * g[sel])
+        return grad_t, grad_s, None, None, None
+
+
 def jsd_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, beta: float = 0.5) -> Tensor:
     """Per-position generalized Jensen-Shannon divergence (GKD, Agarwal et al., ICLR 2024)::
 
         JSD_B(p_t || p_s) = B * KL(p_t || M) + (1 - B) * KL(p_s || M),   M = B * p_t + (1 - B) * p_s
 
     with ``log M = logaddexp(log B + log p_t, log(1-B) + log p_s)``, chunk by chunk (one
-    chunk-sized ``log M`` at a time, as the skew KL).  ``B`` in (0, 1) is the teacher's
+    chunk-sized ``log M`` at a time, in forward and in backward, whose gradient is written
+    out: :class:`_JSD`).  ``B`` in (0, 1) is the teacher's
     share of the mixture; the value is the unscaled ``JSD_B`` (GKD's), whose limits are
     ``JSD_B / B -> KL(p_t || p_s)`` (forward KL) as ``B -> 0`` and
     ``JSD_B / (1 - B) -> KL(p_s || p_t)`` (reverse KL) as ``B -> 1``: the end points
@@ -173,13 +222,10 @@ def jsd_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Ten
     if not 0.0 < beta < 1.0:
         raise ValueError(f"jsd beta must be in (0, 1), got {beta}; its limits are the kl (beta -> 0) and rkl "
                          f"(beta -> 1) divergences")
-    log_beta, log_rest = math.log(beta), math.log1p(-beta)
-
-    def jsd_rows(teacher_rows, student_rows):
-        log_mixture = torch.logaddexp(teacher_rows + log_beta, student_rows + log_rest)
-        return beta * _xlogy_ratio(teacher_rows, log_mixture) + (1.0 - beta) * _xlogy_ratio(student_rows, log_mixture)
-
-    return chunked_rows(jsd_rows, (teacher_lprobs, student_lprobs), mask)
+    check_not_released(student_lprobs, teacher_lprobs)
+    out = _JSD.apply(_flat(teacher_lprobs), _flat(student_lprobs), mask.reshape(-1), beta,
+                     chunk_rows(student_lprobs.size(-1)))
+    return out.view(mask.shape)
 
 
 def divergence_from_log_probs(

@@ -27,11 +27,15 @@ CRITERIA = {
     "word_kd_rkl": ["--criterion", "word_kd", "--kd-divergence", "rkl"],
     "word_kd_skl": ["--criterion", "word_kd", "--kd-divergence", "skl"],
     "word_kd_srkl": ["--criterion", "word_kd", "--kd-divergence", "srkl"],
+    "word_kd_jsd": ["--criterion", "word_kd", "--kd-divergence", "jsd"],
     "tie_kd": ["--criterion", "tie_kd", "--tie-iterations", "3"],
     "self_evolution_kd": ["--criterion", "self_evolution_kd"],
     "hybrid_gated_kd": ["--criterion", "hybrid_gated_kd", "--hybrid-sent-target", "greedy-online"],
     "selective_kd": ["--criterion", "selective_kd"],
     "seq_kd": ["--criterion", "seq_kd"],
+    # every batch on-policy (the most it costs): the student's sampled translation, then the teacher on it; the
+    # KL as word_kd's row (the JSD's own cost is word_kd_jsd's row next to word_kd's)
+    "on_policy_kd": ["--criterion", "on_policy_kd", "--on-policy-lambda", "1", "--kd-divergence", "kl"],
 }
 #: criterions run from the offline top-k cache (NAME_cached); the rest need the live teacher
 CACHED = {

@@ -39,6 +39,9 @@ def targets(per_vocab, decode_summary):
         rows.append((f"V={nominal} tie_kd step time (floor + 0.15)", st["tie_kd"], floors["tie_kd"] + 0.15))
         rows.append((f"V={nominal} hybrid_gated_kd step time (floor + 0.25)", st["hybrid_gated_kd"],
                      floors["hybrid_gated_kd"] + 0.25))
+        if "on_policy_kd" in st:
+            rows.append((f"V={nominal} on_policy_kd step time (floor + 0.25)", st["on_policy_kd"],
+                         floors["on_policy_kd"] + 0.25))
         if nominal == 32000:
             for name, m in mem.items():
                 rows.append((f"V={nominal} {name} peak memory", m, 1.3))
@@ -79,9 +82,12 @@ def print_report(per_vocab, decode, summary, skipped):
         p, f = r["passes"], r["floors"]
         print(f"  passes (ms CPU): student fwd+bwd {p['student'] * 1000:.0f}, optimizer {p['optimizer'] * 1000:.0f}, "
               f"teacher forward {p['teacher'] * 1000:.0f}, teacher greedy {p['greedy'] * 1000:.0f}, "
-              f"student on greedy targets {p['student_hyp'] * 1000:.0f}")
+              f"student on greedy targets {p['student_hyp'] * 1000:.0f}, student generation "
+              f"{p['student_gen'] * 1000:.0f}, teacher on it {p['teacher_gen'] * 1000:.0f}, student on it "
+              f"{p['student_on_gen'] * 1000:.0f}")
         print(f"  floors: tie_kd {f['tie_kd']:.2f} (3 x (student + teacher) + optimizer), hybrid_gated_kd "
-              f"{f['hybrid_gated_kd']:.2f} (student + student on greedy targets + teacher + greedy + optimizer)")
+              f"{f['hybrid_gated_kd']:.2f} (student + student on greedy targets + teacher + greedy + optimizer), "
+              f"on_policy_kd {f['on_policy_kd']:.2f} (student generation + teacher and student on it + optimizer)")
         if r.get("cache_bytes_per_token") is not None:
             print(f"  cache (k = {CACHE_K}): {r['cache_bytes_per_token']:.1f} data bytes per target token "
                   f"(+ {r['cache_index_bytes_per_token']:.1f} index bytes)")

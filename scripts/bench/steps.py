@@ -117,11 +117,14 @@ def time_passes(setup, reps):
     ``student``: the student's forward + backward (LS-NLL), ``optimizer``: scaling, clipping and the step,
     ``teacher``: the teacher's forward, ``greedy``: the teacher's greedy translation of the batch
     (hybrid_gated_kd's online targets), ``student_hyp``: the student's forward + backward on those
-    translations."""
+    translations; ``student_gen``: the student's own sampled translation of the batch (on_policy_kd's
+    generation, temperature 1), ``teacher_gen`` and ``student_on_gen``: the teacher's forward and the
+    student's forward + backward on it."""
     import torch
 
     from fairseq_kd import losses
-    from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions
+    from fairseq_kd.criterions.on_policy_kd import student_translation
+    from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right
 
     teacher = setup.teacher().to_like(setup.model)
     model, opt, pad = setup.model, setup.optimizer, setup.task.target_dictionary.pad()
@@ -138,7 +141,13 @@ def time_passes(setup, reps):
         loss, _ = losses.label_smoothed_nll(logits, target, pad, 0.1)
         loss.backward()
 
-    results = {k: [] for k in ("student", "optimizer", "teacher", "greedy", "student_hyp")}
+    def generate(net_input, seed):  # on_policy_kd's defaults: sampled at temperature 1, a = 1.2, b = 10
+        return student_translation(model, net_input, pad, eos, 1.2, 10, max_decoder_positions(model, teacher), 1.0,
+                                   torch.Generator().manual_seed(seed))
+
+    own = [generate(s["net_input"], i) for i, s in enumerate(setup.batches)]
+    results = {k: [] for k in ("student", "optimizer", "teacher", "greedy", "student_hyp", "student_gen",
+                               "teacher_gen", "student_on_gen")}
     for _ in range(reps):
         acc = dict.fromkeys(results, 0.0)
         for sample, hyp in zip(setup.batches, hyps):
@@ -162,6 +171,19 @@ def time_passes(setup, reps):
                 greedy_teacher_translation(teacher, sample["net_input"], pad, eos, 1.2, 10,
                                            max_decoder_positions(model, teacher))
                 acc["greedy"] += cpu_time() - t
+        for i, (sample, gen) in enumerate(zip(setup.batches, own)):
+            t = cpu_time()
+            generate(sample["net_input"], i)
+            acc["student_gen"] += cpu_time() - t
+            prev = shift_right(gen, pad, eos)
+            with torch.no_grad():
+                t = cpu_time()
+                teacher(dict(sample["net_input"], prev_output_tokens=prev))
+                acc["teacher_gen"] += cpu_time() - t
+            t = cpu_time()
+            student(sample["net_input"], prev, gen)
+            acc["student_on_gen"] += cpu_time() - t
+            opt.zero_grad()
         for k in results:
             results[k].append(acc[k] / len(setup.batches))
     return {k: statistics.median(v) for k, v in results.items()}
