@@ -93,7 +93,15 @@ def bpe_chunks(codes: str) -> Callable[[List[str]], List[str]]:
 
 def word_count_chunks() -> Callable[[List[str]], Counter]:
     """learn_bpe's word counts (its ``get_vocabulary``: words split on single spaces, first-seen order)."""
-    return lambda chunk: Counter(w for line in chunk for w in line.strip("\r\n ").split(" ") if w)
+    return _count_words
+
+
+def _count_words(chunk: List[str]) -> Counter:
+    # the words of every line joined by single spaces, counted in one C-level pass: the same multiset as
+    # learn_bpe's per-line split, less the empty strings that runs of spaces make
+    counts = Counter(" ".join(line.strip("\r\n ") for line in chunk).split(" "))
+    counts.pop("", None)
+    return counts
 
 
 def _add(a: Counter, b: Counter) -> Counter:

@@ -21,6 +21,9 @@ from fairseq_kd.errors import DistillationError
 from fairseq_kd.textio import BOM, count_lines, unique_tmp
 
 CHUNK_LINES = 2000
+# a reduction's chunks are larger: each returns a summary (e.g. word counts) whose size follows the chunk's
+# distinct items, and the main process combines them one by one, so fewer, larger chunks keep it off the path
+REDUCE_CHUNK_LINES = 20000
 _WORKER: dict = {}
 
 
@@ -172,7 +175,7 @@ def map_file(factory: Callable, args: Sequence, src: str, dest: str, workers: in
 
 
 def reduce_files(factory: Callable, args: Sequence, srcs: Sequence[str], combine: Callable[[Any, Any], Any], start: Any,
-                 workers: int = 1, desc: str = "", chunk_lines: int = CHUNK_LINES) -> Any:
+                 workers: int = 1, desc: str = "", chunk_lines: int = REDUCE_CHUNK_LINES) -> Any:
     """``combine`` over ``factory(*args)(chunk)`` of every chunk of the files ``srcs`` (e.g. word counts)."""
     total = sum(count_lines(s) for s in srcs)
     acc = start

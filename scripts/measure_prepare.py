@@ -103,14 +103,15 @@ def child(args) -> None:
     t, c = mark("bpe", t, c)
     pick = lambda p: tuple(os.path.join(work, f"{p}.{lang}") for lang in ("en", "de"))  # noqa: E731
     read, kept = pb.filter_pairs(pick("bpe"), pick("raw"), pick("clean"), pick("clean_raw"), workers=args.workers)
-    with open(os.path.join(work, "tok.en"), encoding="utf-8") as f:
-        words = sum(len(line.split()) for line in f)
     mark("clean-corpus-n", t, c)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.path.join(work, "tok.en"), encoding="utf-8") as f:  # outside the timed steps
+        words = sum(len(line.split()) for line in f)
     print(json.dumps({
         "pairs": args.pairs, "lines": 2 * args.pairs, "workers": args.workers, "kept": kept,
-        "words_per_line": words / args.pairs, "wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0,
+        "words_per_line": words / args.pairs, "wall": wall, "cpu": cpu,
         "main_cpu": (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime),
         "main_rss_mb": self1.ru_maxrss / 1024, "worker_rss_mb": children.ru_maxrss / 1024, "steps": steps,
     }))
@@ -148,7 +149,7 @@ def report(args, small, large, ones, twos, commit, machine) -> str:
         "",
         "Peak memory (max RSS; 2 workers; the per-line steps: tokenization chain, BPE word counts, BPE, "
         "clean-corpus-n; the `short` corpus, Multi30k sentences cycled; the main process holds torch and fairseq, "
-        "which `import fairseq_kd` loads):",
+        "which the `fairseq_kd.wmt` package loads):",
         "",
         "| lines | main process | one worker | wall | CPU |",
         "|---:|---:|---:|---:|---:|",
@@ -195,8 +196,8 @@ def main() -> None:
                         help="folder holding multi30k_en_de/")
     parser.add_argument("--small", type=int, default=250_000, help="pairs of the small memory run (2 lines each)")
     parser.add_argument("--large", type=int, default=1_000_000, help="pairs of the large memory run and the corpus")
-    parser.add_argument("--speed", type=int, default=50_000, help="pairs of the 1- and 2-worker throughput runs")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each throughput measurement (the fastest is reported)")
+    parser.add_argument("--speed", type=int, default=250_000, help="pairs of the 1- and 2-worker throughput runs")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each throughput measurement (the fastest is reported)")
     parser.add_argument("--merges", type=int, default=10_000, help="BPE merges learned for the runs")
     parser.add_argument("--codes-pairs", type=int, default=50_000, help="pairs the BPE codes are learned on")
     parser.add_argument("--machine", default="", help="a note on the machine (e.g. shared with other jobs)")
@@ -233,12 +234,13 @@ def main() -> None:
                             text=True).stdout.strip() or "unknown"
     load = os.getloadavg()[0]
     machine = args.machine or f"{os.cpu_count()} cores, load average {load:.1f} at the start"
-    small = run_child(args, args.small, 2, codes, "short")
-    large = run_child(args, args.large, 2, codes, "short")
+    # the throughput runs first, while the machine is as it was when the load was read
     ones, twos = [], []
     for _ in range(args.repeat):
         ones.append(run_child(args, args.speed, 1, codes, "long"))
         twos.append(run_child(args, args.speed, 2, codes, "long"))
+    small = run_child(args, args.small, 2, codes, "short")
+    large = run_child(args, args.large, 2, codes, "short")
     text = report(args, small, large, ones, twos, commit, machine)
     print(text)
     if args.markdown:

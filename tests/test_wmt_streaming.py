@@ -66,6 +66,19 @@ def test_reduce_files_counts_words_like_learn_bpe(tmp_path):
     assert counts == Counter({"x": 3, "y": 2, "z": 1}) and list(counts) == ["x", "y", "z"]
 
 
+def test_chunk_word_counts_equal_get_vocabulary_on_awkward_spacing():
+    """The one-pass count (lines joined by spaces) equals subword-nmt's per-line get_vocabulary, in values
+    and first-seen order, with runs of spaces, leading and trailing blanks, tabs and empty lines."""
+    from subword_nmt.learn_bpe import get_vocabulary
+
+    from fairseq_kd.prepare_bpe import word_count_chunks
+
+    lines = ["  a b  c ", " ", "", "a\tb c", "x \ty", "c   a", "\td e\t", "a"]
+    ref = get_vocabulary(line + "\n" for line in lines)
+    got = word_count_chunks()(lines)
+    assert got == Counter(ref) and list(got) == list(ref)
+
+
 def test_learned_codes_equal_learn_bpe_on_the_concatenated_text(tmp_path):
     from subword_nmt.learn_bpe import learn_bpe
 
