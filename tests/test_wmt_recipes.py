@@ -31,7 +31,6 @@ REPO = cli.REPO
 DATA = cli.SHARED_DATA
 PREPARE_WMT = os.path.join(REPO, "scripts", "prepare-wmt.sh")
 WMT_RUN = os.path.join(REPO, "examples", "wmt14", "run.sh")
-MULTI30K_RUN = os.path.join(REPO, "examples", "multi30k", "run.sh")
 
 
 def read(path):
@@ -742,57 +741,6 @@ def test_wmt_run_input_errors_are_one_line(tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.sh: error: ") and message in lines[0], proc.stderr
     assert not fake.calls("fairseq_cli.train")
-
-
-def test_multi30k_main_job_keeps_its_commands_after_the_refactor(tmp_path):
-    """The main job is a preset of scripts/lib/pipeline.sh: same stages, same fairseq commands as before."""
-    fake = FakePython(tmp_path / "fake")
-    work = tmp_path / "work"
-    proc = run_recipe(MULTI30K_RUN, ["--work", work], fake.env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert started(proc.stdout) == [
-        "prepare", "teacher", "translate_teacher", "student_baseline", "translate_student_baseline",
-        "student_word_kd", "translate_student_word_kd", "decode_train_with_teacher", "student_seq_kd",
-        "translate_student_seq_kd", "student_self_evolution_kd", "translate_student_self_evolution_kd",
-        "student_hybrid_gated_kd", "translate_student_hybrid_gated_kd", "score"]
-    assert proc.stdout.strip().endswith(f"results: {work}/results.md")
-    (prep,) = fake.calls("fairseq_kd.prepare")
-    assert flags(prep["argv"]) == {"--corpus": "multi30k_en_de", "--data-root": os.path.join(REPO, "..", "shared", "data"),
-                                   "--src": "en", "--tgt": "de", "--out": str(work / "data"), "--vocab-size": "4000",
-                                   "--workers": "1", "--train-lines": "10000"}
-    # the commands of the pre-refactor script (flags compared as a dict: order does not matter to fairseq)
-    before = ("--arch transformer --share-all-embeddings --optimizer adam --adam-betas (0.9,0.98) --lr 0.002 "
-              "--lr-scheduler inverse_sqrt --warmup-updates 100 --warmup-init-lr 1e-07 --clip-norm 1.0 "
-              "--max-tokens 4096 --seed 1 --no-epoch-checkpoints --keep-last-epochs 1 --patience -1 "
-              "--num-workers 0 --log-interval 20 --cpu").split()
-    teacher_arch = ("--encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 256 "
-                    "--decoder-ffn-embed-dim 256 --encoder-layers 2 --decoder-layers 2 --encoder-attention-heads 4 "
-                    "--decoder-attention-heads 4").split()
-    student_arch = ("--encoder-embed-dim 64 --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 "
-                    "--decoder-ffn-embed-dim 128 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 "
-                    "--decoder-attention-heads 2").split()
-    base = {"--user-dir": os.path.join(REPO, "user_dir"), **flags(before)}
-    assert train_flags(fake, "teacher") == {**base, **flags(teacher_arch), "--save-dir": str(work / "teacher"),
-                                            "--max-update": "300", "--criterion": "label_smoothed_cross_entropy",
-                                            "--label-smoothing": "0.1"}
-    assert train_flags(fake, "student_word_kd") == {
-        **base, **flags(student_arch), "--save-dir": str(work / "student_word_kd"), "--max-update": "120",
-        "--task": "distillation_translation", "--teacher-path": str(work / "teacher" / "checkpoint_best.pt"),
-        "--criterion": "word_kd", "--kd-alpha": "0.5"}
-    assert train_flags(fake, "student_seq_kd")["--teacher-target-subset"] == "train_teacher"
-    hybrid = train_flags(fake, "student_hybrid_gated_kd")
-    assert hybrid["--criterion"] == "hybrid_gated_kd" and hybrid["--hybrid-sent-target"] == "offline"
-    assert hybrid["--teacher-target-subset"] == "train_teacher"
-    assert train_flags(fake, "student_self_evolution_kd")["--criterion"] == "self_evolution_kd"
-    decodes = fake.calls("fairseq_kd.decoding", "decode")
-    assert len(decodes) == 2 and all(c["omp"] == "1" for c in decodes)
-    assert all(flags(c["argv"]).items() >= {"--beam": "1", "--num-shards": "2", "--cpu": True, "--max-len-a": "1.2",
-                                            "--max-len-b": "10"}.items() for c in decodes)
-    generates = [flags(c["argv"]) for c in fake.calls("fairseq_cli.generate")]
-    assert all(g.items() >= {"--beam": "4", "--max-len-a": "1.2", "--max-len-b": "10", "--batch-size": "128",
-                             "--required-batch-size-multiple": "1", "--remove-bpe": "sentencepiece", "--cpu": True}.items()
-               for g in generates)
-    assert not fake.calls("fairseq_kd.wmt")
 
 
 def test_prepare_wmt_refuses_a_corrupted_archive(en_ro_world, tmp_path):
