@@ -312,3 +312,29 @@ def test_a_cache_given_to_a_criterion_without_a_teacher_is_refused(prepared, cac
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and f"--teacher-cache {cache} is not read" in errors[0], errors
+
+
+# -- line counts ------------------------------------------------------------------------
+
+STAGES = os.path.join(cli.REPO, "scripts", "lib", "stages.sh")
+
+
+def _bash(script: str, *args: str):
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; source {STAGES}; {script}", "bash", *args],
+                          capture_output=True, text=True)
+
+
+def test_a_last_line_without_a_newline_is_counted(tmp_path):
+    from fairseq_kd.textio import count_lines
+
+    ref, src, short = tmp_path / "ref.de", tmp_path / "src.en", tmp_path / "short.de"
+    ref.write_text("".join(f"Satz {i}\n" for i in range(11)) + "Satz 11")  # 12 lines, wc -l says 11
+    src.write_text("".join(f"sentence {i}\n" for i in range(12)))
+    short.write_text("".join(f"Satz {i}\n" for i in range(11)))
+    assert count_lines(str(ref)) == count_lines(str(src)) == 12
+    proc = _bash('assert_lines "$1" "$(count_lines "$2")"; lines "$1"; count_lines "$2"', str(ref), str(src))
+    assert proc.returncode == 0 and proc.stdout.split() == ["12", "12"], proc.stderr
+    proc = _bash('assert_lines "$1" "$(count_lines "$2")"', str(short), str(src))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{short} has 11 lines, expected 12" in proc.stderr and "delete" not in proc.stderr
+    assert open(short).read().count("\n") == 11  # the user's file is left as it was

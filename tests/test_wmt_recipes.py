@@ -805,7 +805,7 @@ def test_prepare_wmt_refuses_a_corrupted_archive(en_ro_world, tmp_path):
     out = tmp_path / "corrupt"
     line = error_line(world.prepare("--pair", "en-ro", "--out", out))
     archive = str(out / "orig" / "training-parallel-ep-v8.tgz")
-    assert f"cannot read {archive}" in line and "delete it and re-run" in line
+    assert f"cannot read {archive}" in line and "move it aside and re-run" in line
     assert not (out / "train.en").exists() and not (out / "train.ro").exists()
     # pinned to the good archive's hash: the corrupted download is refused before it is even opened
     good = tmp_path / "good.tgz"

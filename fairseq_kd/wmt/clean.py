@@ -69,7 +69,7 @@ def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int 
                     raise DistillationError(
                         f"{src_path} and {tgt_path} differ in length (the {'source' if s is None else 'target'} "
                         f"side ends after {read} lines); the archive {bitext.archive} is damaged or not the "
-                        f"expected release: delete it and re-run"
+                        f"expected release: move it aside and re-run to download it again"
                     )
                 read += 1
                 s, t = clean_line(s), clean_line(t)
@@ -83,7 +83,8 @@ def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int 
     for lang in (pair.src, pair.tgt):
         n = count_lines(tmp[lang])
         if n != kept_total:
-            raise DistillationError(f"{tmp[lang]} has {n} lines, expected {kept_total}; delete it and re-run")
+            raise DistillationError(f"{tmp[lang]} has {n} lines, expected {kept_total} (a full disk?); re-run "
+                                    f"(the step starts over)")
     for lang in (pair.src, pair.tgt):
         os.replace(tmp[lang], dest[lang])
     return stats

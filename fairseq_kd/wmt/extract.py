@@ -59,13 +59,15 @@ def extract_members(archive_path: str, wanted: Sequence[str], dest_dir: str) -> 
                         _copy_stream(t.extractfile(member), os.path.join(tmp, w))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DistillationError(f"cannot read {archive_path} ({e}); delete it and re-run to download it again")
+        raise DistillationError(f"cannot read {archive_path} ({e}): a damaged download; move it aside and re-run "
+                                f"to download it again")
     for w, names in found.items():
         if len(names) != 1:
             shutil.rmtree(tmp, ignore_errors=True)
             what = "no member" if not names else f"{len(names)} members ({', '.join(names)}) for"
             raise DistillationError(
-                f"{archive_path} has {what} {w}; it is damaged or not the expected release: delete it and re-run"
+                f"{archive_path} has {what} {w}; it is damaged or not the expected release: move it aside and re-run "
+                f"to download it again"
             )
     for w in missing:
         os.makedirs(os.path.dirname(os.path.join(dest_dir, w)), exist_ok=True)
