@@ -338,3 +338,87 @@ def test_a_last_line_without_a_newline_is_counted(tmp_path):
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"{short} has 11 lines, expected 12" in proc.stderr and "delete" not in proc.stderr
     assert open(short).read().count("\n") == 11  # the user's file is left as it was
+
+
+# -- steps that skip an existing output -------------------------------------------------
+
+
+def _corpus(root, lines):
+    folder = root / "toy_en_de"
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["house", "garden", "tree", "river", "street", "window", "door", "table", "chair", "light"]
+    worte = ["Haus", "Garten", "Baum", "Fluss", "Strasse", "Fenster", "Tuer", "Tisch", "Stuhl", "Licht"]
+    for split, n in (("train", lines), ("valid", 6), ("test", 5)):
+        pick = [(i * 7 + j) % len(words) for i in range(n) for j in range(3)]
+        src = [" ".join(["the"] + [words[k] for k in pick[3 * i:3 * i + 3]]) for i in range(n)]
+        tgt = [" ".join(["das"] + [worte[k] for k in pick[3 * i:3 * i + 3]]) for i in range(n)]
+        (folder / f"{split}.en").write_text("".join(s + f" {i}\n" for i, s in enumerate(src)), encoding="utf-8")
+        (folder / f"{split}.de").write_text("".join(t + f" {i}\n" for i, t in enumerate(tgt)), encoding="utf-8")
+    return folder
+
+
+def test_prepare_bpe_redoes_a_step_whose_inputs_or_settings_changed(tmp_path):
+    from fairseq_kd.prepare_bpe import prepare_bpe
+
+    folder, out = _corpus(tmp_path / "data", 40), tmp_path / "out"
+    lines = lambda p: p.read_text(encoding="utf-8").splitlines()  # noqa: E731
+    prepare_bpe("toy_en_de", str(tmp_path / "data"), "en", "de", str(out), train_lines=30, merges=40)
+    assert len(lines(out / "sliced" / "train.en")) == 30 and len(lines(out / "tok" / "train.de")) == 30
+    codes, first = len(lines(out / "bpecodes")), (out / "bin" / "train.en-de.en.bin").read_bytes()
+    kept = len(lines(out / "raw" / "train.en"))
+    prepare_bpe("toy_en_de", str(tmp_path / "data"), "en", "de", str(out), train_lines=20, merges=25)
+    assert len(lines(out / "sliced" / "train.en")) == len(lines(out / "bpe" / "train.de")) == 20
+    assert len(lines(out / "raw" / "train.en")) == len(lines(out / "bpe_text" / "train.de")) < kept
+    assert len(lines(out / "bpecodes")) == 26 < codes  # a header and 25 merges
+    assert (out / "bin" / "train.en-de.en.bin").read_bytes() != first
+    # the corpus edited in place, same size: the content is fingerprinted, not the size
+    text = (folder / "train.en").read_text(encoding="utf-8")
+    (folder / "train.en").write_text(text.replace("the house", "the horse", 1), encoding="utf-8")
+    assert len(text) == len((folder / "train.en").read_text(encoding="utf-8"))
+    prepare_bpe("toy_en_de", str(tmp_path / "data"), "en", "de", str(out), train_lines=20, merges=25)
+    assert "horse" in (out / "raw" / "train.en").read_text(encoding="utf-8")
+    assert "horse" in (out / "tok" / "train.en").read_text(encoding="utf-8")
+
+
+def test_wmt_training_text_and_extraction_follow_their_inputs(tmp_path):
+    import tarfile
+
+    from fairseq_kd.wmt.archives import Archive, Bitext, Pair, TestSet
+    from fairseq_kd.wmt.clean import build_train
+    from fairseq_kd.wmt.extract import extract_members
+
+    def archive(path, words):
+        src = tmp_path / "a.en"
+        src.write_text("".join(f"{w} one two\n" for w in words) + "short\n", encoding="utf-8")
+        (tmp_path / "a.de").write_text("".join(f"{w} eins zwei\n" for w in words) + "kurz und lang und mehr\n",
+                                       encoding="utf-8")
+        with tarfile.open(path, "w:gz") as t:
+            for lang in ("en", "de"):
+                t.add(tmp_path / f"a.{lang}", arcname=f"corpus/a.{lang}")
+
+    tgz, folder, out = tmp_path / "a.tgz", str(tmp_path / "a.tgz.d"), str(tmp_path / "out")
+    archive(tgz, ["alpha", "beta"])
+    extract_members(str(tgz), ["a.en", "a.de"], folder, archive_sha256="1" * 64)
+    archive(tgz, ["gamma", "delta", "epsilon"])  # another copy of the archive: its members extracted again
+    extract_members(str(tgz), ["a.en", "a.de"], folder, archive_sha256="2" * 64)
+    assert open(os.path.join(folder, "a.en")).read().startswith("gamma")
+    os.makedirs(out)
+    test = TestSet(sacrebleu="wmt14", label="toy", lines=1)
+    pair = Pair(corpus="toy", src="en", tgt="de", archives=(Archive("a.tgz", "file://a.tgz"),),
+                bitexts=(Bitext(archive="a.tgz", prefix="a"),), valid=test, test=test)
+    build_train(pair, {"a.tgz": folder}, out)
+    assert len(open(os.path.join(out, "train.en")).read().splitlines()) == 4
+    build_train(pair, {"a.tgz": folder}, out, max_words=3, max_ratio=1.5)  # the extra cleaning drops a pair
+    assert len(open(os.path.join(out, "train.en")).read().splitlines()) == 3
+
+
+def test_a_cache_build_on_changed_data_is_refused_not_skipped(prepared, teacher_ckpt, cache, tmp_path):
+    from fairseq_kd.cache.build import build_cache
+
+    data = str(tmp_path / "bin")
+    shutil.copytree(prepared.bin, data)
+    _rewrite_split(data, lambda src, tgt: src.reverse())
+    with pytest.raises(DistillationError) as e:
+        build_cache(data, SPLIT, teacher_ckpt, cache, k=4, num_shards=2)
+    _one_line(e, os.path.join(cache, "manifest.json"), "the split's content or the options the teacher saw differ",
+              "new --out-dir")

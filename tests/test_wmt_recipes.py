@@ -265,16 +265,16 @@ def test_prepare_wmt_en_ro_builds_the_corpus_and_skips_finished_downloads(en_ro_
     assert len(curl_calls) == 2
     assert curl_calls[0].endswith("http://data.statmt.org/wmt16/translation-task/training-parallel-ep-v8.tgz")
 
-    # a re-run downloads nothing and keeps the corpus
+    # a re-run with the same settings downloads nothing and keeps the corpus
     mtime = os.path.getmtime(out / "train.en")
-    proc = world.prepare("--pair", "en-ro", "--out", out)
+    proc = world.prepare("--pair", "en-ro", "--out", out, "--extra-clean")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(world.calls("curl")) == 2
     assert proc.stderr.count("downloaded before, skipped") == 2
     assert os.path.getmtime(out / "train.en") == mtime
 
     # pinning the observed checksums verifies the archives in place (still no download)
-    proc = world.prepare("--pair", "en-ro", "--out", out, "--checksums", out / "checksums.observed")
+    proc = world.prepare("--pair", "en-ro", "--out", out, "--checksums", out / "checksums.observed", "--extra-clean")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(world.calls("curl")) == 2
     assert "verified against" in (out / "README.md").read_text()
@@ -332,7 +332,7 @@ def test_prepare_wmt_damaged_inputs_are_one_line_errors(en_ro_world, tmp_path):
     # an archive without the expected member, and a failing download
     world.serve(EP_V8_URL_NAME, {"training/europarl-v8.et-en.en": text(["x"])})
     line = error_line(world.prepare("--pair", "en-ro", "--out", tmp_path / "c"))
-    assert "has no member training-parallel-ep-v8/europarl-v8.ro-en.en" in line and "delete it" in line
+    assert "has no member training-parallel-ep-v8/europarl-v8.ro-en.en" in line and "move it aside" in line
     os.remove(os.path.join(world.server, SETIMES_URL_NAME))
     line = error_line(world.prepare("--pair", "en-ro", "--out", tmp_path / "d"))
     assert "en-ro.txt.zip" in line and "exit status 22" in line

@@ -133,7 +133,7 @@ def checkpoint_languages(path: str) -> Optional[Tuple[str, str]]:
 
     try:
         state = safe_torch_load(path, mmap=True)  # the tensors are mapped, not read
-    except (RuntimeError, ValueError, TypeError, OSError):
+    except DistillationError:  # a checkpoint in torch's legacy format cannot be mapped
         state = safe_torch_load(path)
     cfg = state.get("cfg") if isinstance(state, dict) else None
     task = cfg.get("task") if cfg is not None else None
