@@ -6,7 +6,10 @@ and returns, for example ``i``, its ``[T_i, k]`` ids and float16
 log-probabilities and its ``[T_i]`` float32 tail log-masses; only the rows asked for are read, so each data-parallel
 rank touches just its own batches' rows and no process loads the cache into
 memory.  The files are opened lazily and reopened after pickling, so fairseq's
-data-loader workers share the page cache instead of copying arrays.
+data-loader workers share the page cache instead of copying arrays.  Opening
+checks the files (:mod:`fairseq_kd.cache.integrity`), each example read is
+range-checked, and :func:`load_teacher_cache` compares what the teacher saw
+with the run (:mod:`fairseq_kd.cache.provenance`).
 
 :class:`TeacherCacheDataset` wraps the training split's dataset and adds to
 every collated batch
