@@ -135,13 +135,15 @@ def checkpoint_languages(path: str) -> Optional[Tuple[str, str]]:
         state = safe_torch_load(path, mmap=True)  # the tensors are mapped, not read
     except DistillationError:  # a checkpoint in torch's legacy format cannot be mapped
         state = safe_torch_load(path)
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    task = cfg.get("task") if cfg is not None else None
-    if task is not None:
-        src, tgt = task.get("source_lang"), task.get("target_lang")
-    else:
-        args = state.get("args") if isinstance(state, dict) else None
-        src, tgt = getattr(args, "source_lang", None), getattr(args, "target_lang", None)
+    def field(node, key):  # a dict, a DictConfig or an argparse Namespace
+        if node is None:
+            return None
+        return node.get(key) if hasattr(node, "get") else getattr(node, key, None)
+
+    if not isinstance(state, dict):
+        return None
+    task = field(state.get("cfg"), "task") or state.get("args")
+    src, tgt = field(task, "source_lang"), field(task, "target_lang")
     return (str(src), str(tgt)) if src and tgt else None
 
 
