@@ -102,7 +102,8 @@ def test_a_flipped_sign_is_refused_at_open_and_where_it_is_read(copy):
     _one_line(e, copy, "shard001-of-002", f"example {example}", "log-probability +", "must be finite and <= 0")
 
 
-@pytest.mark.parametrize("value, needle", [(float("nan"), "log-probability +nan"), (float("inf"), "log-probability +inf")])
+@pytest.mark.parametrize("value, needle", [(float("nan"), "log-probability +nan"),
+                                           (float("inf"), "log-probability +inf")])
 def test_nan_and_inf_in_the_cache_name_the_example(copy, value, needle):
     path = os.path.join(copy, "shard000-of-002", "lprobs.bin")
     _poke(path, 5, value)
@@ -283,7 +284,8 @@ def _reversed_teacher(teacher_ckpt, tmp_path) -> str:
 def test_a_teacher_of_the_other_direction_is_refused(prepared, teacher_ckpt, cache, tmp_path):
     de_en = _reversed_teacher(teacher_ckpt, tmp_path)
     # the joined dictionary is the same file for both languages: only the recorded languages tell
-    assert open(os.path.join(prepared.bin, "dict.en.txt")).read() == open(os.path.join(prepared.bin, "dict.de.txt")).read()
+    dicts = [open(os.path.join(prepared.bin, f"dict.{lang}.txt")).read() for lang in ("en", "de")]
+    assert dicts[0] == dicts[1]
     proc = build(prepared, de_en, str(tmp_path / "c"), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "was trained de->en" in proc.stderr and "translates en->de" in proc.stderr

@@ -28,7 +28,8 @@ def _match(member: str, wanted: Sequence[str]) -> Optional[str]:
     return None
 
 
-def extract_members(archive_path: str, wanted: Sequence[str], dest_dir: str, archive_sha256: Optional[str] = None) -> None:
+def extract_members(archive_path: str, wanted: Sequence[str], dest_dir: str,
+                    archive_sha256: Optional[str] = None) -> None:
     """Extract the ``wanted`` members of a .tgz/.tar/.zip to ``dest_dir/<wanted>``.
 
     A member matches when its path is ``wanted`` or ends with ``/wanted``; a
