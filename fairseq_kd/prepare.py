@@ -63,6 +63,12 @@ def split_lines(corpus_dir: str, split: str, lang: str, limit: Optional[int], te
     return part if limit is None else part[:limit]
 
 
+def source_files(corpus_dir: str, langs, test_from_valid: Optional[int] = None) -> List[str]:
+    """The corpus files :func:`slice_corpus` reads (what a slice's stamp fingerprints)."""
+    return [split_path(corpus_dir, "valid" if test_from_valid and split != "train" else split, lang)
+            for split in SPLITS for lang in langs]
+
+
 def slice_corpus(corpus_dir: str, raw_dir: str, langs, limits, test_from_valid: Optional[int] = None) -> None:
     os.makedirs(raw_dir, exist_ok=True)
     for split in SPLITS:
@@ -193,8 +199,7 @@ def prepare(
     raw_dir, spm_dir, bin_dir = (os.path.join(out, name) for name in ("raw", "spm_text", "bin"))
     model_prefix = os.path.join(out, "spm")
     limits = {"train": train_lines, "valid": valid_lines, "test": test_lines}
-    corpus_files = [split_path(corpus_dir, "valid" if test_from_valid and split != "train" else split, lang)
-                    for split in SPLITS for lang in langs]
+    corpus_files = source_files(corpus_dir, langs, test_from_valid)
     stamps = Stamps(out)
     # each step: skipped when its outputs exist and were made from the same inputs and settings, else its
     # old outputs are removed first and it runs again (and so does every step after it)

@@ -29,7 +29,9 @@ when the teacher's dictionary holds ``@-@`` (the model was trained on ``-a`` tex
 
 Writes ``OUT/raw`` (plain text; the pairs kept by the length filter), ``OUT/tok`` (tokenized),
 ``OUT/bpecodes``, ``OUT/bpe`` (BPE'd, unfiltered), ``OUT/bpe_text`` (filtered) and ``OUT/bin``.  Each
-step is skipped when its output exists; every file is written under a temporary name and renamed.
+step is skipped when its outputs exist and were made from the same inputs and settings
+(:mod:`fairseq_kd.stamps`), else redone with the steps that read it; every file is written under a
+temporary name and renamed.
 See docs/data_preparation.md.
 """
 
@@ -43,7 +45,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from fairseq_kd.corpora import locate_corpus
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.prepare import SPLITS, add_corpus_arguments, slice_corpus
+from fairseq_kd.prepare import SPLITS, add_corpus_arguments, slice_corpus, source_files
+from fairseq_kd.stamps import Stamps
 from fairseq_kd.streaming import map_file, reduce_files
 from fairseq_kd.textio import read_text_lines, unique_tmp
 from fairseq_kd.wmt import rules
@@ -114,8 +117,6 @@ def learn_codes(texts: Sequence[str], merges: int, dest: str, workers: int = 1) 
     in ``workers`` processes and handed to learn_bpe as a dictionary (memory: the vocabulary)."""
     from subword_nmt.learn_bpe import learn_bpe
 
-    if os.path.exists(dest):
-        return
     counts = reduce_files(word_count_chunks, (), texts, _add, Counter(), workers, desc="bpe word counts")
     vocab = [f"{w} {c}" for w, c in counts.items()]  # first-seen order, as learn_bpe counts a text
     del counts
@@ -204,14 +205,13 @@ def install_codes(teacher_codes: str, dest: str) -> str:
     """``dest``: the teacher's codes as subword-nmt reads them (fastBPE's counts dropped, version 0.2, the
     end-of-word convention both share); returns the source format."""
     fmt, merges = read_codes(teacher_codes)
-    if not os.path.exists(dest):
-        tmp = unique_tmp(dest)
-        if fmt == "fastbpe":
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-        else:
-            shutil.copyfile(teacher_codes, tmp)
-        os.replace(tmp, dest)
+    tmp = unique_tmp(dest)
+    if fmt == "fastbpe":
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    else:
+        shutil.copyfile(teacher_codes, tmp)
+    os.replace(tmp, dest)
     return fmt
 
 
@@ -244,55 +244,81 @@ def prepare_bpe(corpus: str, data_root: str, src: str, tgt: str, out: str, train
     """Run every step; returns the binarized data directory.  ``aggressive`` (``-a``) defaults to True,
     or with ``teacher_dir`` to whether the teacher's dictionaries hold ``@-@``."""
     corpus_dir = locate_corpus(corpus, data_root)
+    langs = (src, tgt)
+    stamps = Stamps(out)
     sliced = os.path.join(out, "sliced")
     limits = {"train": train_lines, "valid": valid_lines, "test": test_lines}
-    slice_corpus(corpus_dir, sliced, (src, tgt), limits, test_from_valid)
+    # each step is skipped only when its outputs were made from the same inputs and settings (stamps, with
+    # the stamp of the step they read): a change removes the old outputs and redoes the step and its readers
+    sliced_stamp = stamps.step(
+        "slice", [sliced], {"langs": langs, "limits": limits, "test_from_valid": test_from_valid},
+        source_files(corpus_dir, langs, test_from_valid),
+        run=lambda: slice_corpus(corpus_dir, sliced, langs, limits, test_from_valid))
     codes = os.path.join(out, "bpecodes")
-    dicts = None
+    dicts, teacher_codes = None, None
     if teacher_dir:
         teacher_codes, src_dict, tgt_dict = teacher_files(teacher_dir, src, tgt)
         dicts = (src_dict, tgt_dict)
-        fmt = install_codes(teacher_codes, codes)
         if aggressive is None:
             aggressive = trained_with_aggressive_hyphens(dicts)
-        print(f"teacher {teacher_dir}: {fmt} codes, tokenizer.perl {'-a' if aggressive else 'without -a'} "
-              f"({'@-@ in' if aggressive else 'no @-@ in'} its dictionaries)")
+        print(f"teacher {teacher_dir}: {read_codes(teacher_codes)[0]} codes, tokenizer.perl "
+              f"{'-a' if aggressive else 'without -a'} ({'@-@ in' if aggressive else 'no @-@ in'} its dictionaries)")
     aggressive = True if aggressive is None else aggressive
     tok_dir, bpe_dir, text_dir, raw_dir = (os.path.join(out, d) for d in ("tok", "bpe", "bpe_text", "raw"))
     for d in (tok_dir, bpe_dir, text_dir, raw_dir):
         os.makedirs(d, exist_ok=True)
+    tok_stamps = {}
     for split in SPLITS:
-        for lang in (src, tgt):
-            map_file(moses_chunks, (lang, split == "test", aggressive, romanian), os.path.join(sliced, f"{split}.{lang}"),
-                     os.path.join(tok_dir, f"{split}.{lang}"), workers, desc=f"moses {split}.{lang}")
-    if not teacher_dir:
-        learn_codes([os.path.join(tok_dir, f"train.{lang}") for lang in (src, tgt)], merges, codes, workers)
+        for lang in langs:
+            name, args = f"{split}.{lang}", (lang, split == "test", aggressive, romanian)
+            tok_stamps[name] = stamps.step(
+                f"tokenize.{name}", [os.path.join(tok_dir, name)], {"moses": args}, upstream=sliced_stamp,
+                run=lambda name=name, args=args: map_file(moses_chunks, args, os.path.join(sliced, name),
+                                                          os.path.join(tok_dir, name), workers, desc=f"moses {name}"))
+    if teacher_dir:
+        codes_stamp = stamps.step("codes", [codes], {"teacher": True}, [teacher_codes],
+                                  run=lambda: install_codes(teacher_codes, codes))
+    else:
+        codes_stamp = stamps.step(
+            "codes", [codes], {"merges": merges}, upstream=",".join(tok_stamps[f"train.{lang}"] for lang in langs),
+            run=lambda: learn_codes([os.path.join(tok_dir, f"train.{lang}") for lang in langs], merges, codes, workers))
+    bpe_stamps = {}
     for split in SPLITS:
-        for lang in (src, tgt):
-            map_file(bpe_chunks, (codes,), os.path.join(tok_dir, f"{split}.{lang}"), os.path.join(bpe_dir, f"{split}.{lang}"),
-                     workers, desc=f"bpe {split}.{lang}")
+        for lang in langs:
+            name = f"{split}.{lang}"
+            bpe_stamps[name] = stamps.step(
+                f"bpe.{name}", [os.path.join(bpe_dir, name)], {}, upstream=f"{codes_stamp},{tok_stamps[name]}",
+                run=lambda name=name: map_file(bpe_chunks, (codes,), os.path.join(tok_dir, name),
+                                               os.path.join(bpe_dir, name), workers, desc=f"bpe {name}"))
+    filter_stamps = []
     for split in SPLITS:
-        names = [f"{split}.{lang}" for lang in (src, tgt)]
-        if all(os.path.exists(os.path.join(text_dir, n)) and os.path.exists(os.path.join(raw_dir, n)) for n in names):
-            continue
-        pick = lambda d: tuple(os.path.join(d, n) for n in names)  # noqa: E731
-        if split in FILTERED:
-            read, kept = filter_pairs(pick(bpe_dir), pick(sliced), pick(text_dir), pick(raw_dir), workers=workers)
-            print(f"{split}: {kept} of {read} pairs kept by clean-corpus-n -ratio {MAX_RATIO} 1 {MAX_TOKENS} (after BPE)")
-        else:
-            for a, b in ((pick(bpe_dir), pick(text_dir)), (pick(sliced), pick(raw_dir))):
-                for s, d in zip(a, b):
-                    tmp = unique_tmp(d)
-                    shutil.copyfile(s, tmp)
-                    os.replace(tmp, d)
+        names = [f"{split}.{lang}" for lang in langs]
+        pick = lambda d, names=names: tuple(os.path.join(d, n) for n in names)  # noqa: E731
+        filter_stamps.append(stamps.step(
+            f"filter.{split}", [*pick(text_dir), *pick(raw_dir)],
+            {"clean_corpus_n": [MAX_RATIO, MAX_TOKENS] if split in FILTERED else None},
+            upstream=",".join([sliced_stamp, *(bpe_stamps[n] for n in names)]),
+            run=lambda split=split, pick=pick: _filter_split(split, pick, bpe_dir, sliced, text_dir, raw_dir, workers)))
     bin_dir = os.path.join(out, "bin")
-    binarize(text_dir, bin_dir, src, tgt, workers, dicts)
+    stamps.step("binarize", [bin_dir], {"langs": langs, "teacher_dicts": dicts is not None}, dicts or (),
+                upstream=",".join(filter_stamps), run=lambda: binarize(text_dir, bin_dir, src, tgt, workers, dicts))
     return bin_dir
 
 
-def binarize(text_dir: str, bin_dir: str, src: str, tgt: str, workers: int, dicts: Optional[Tuple[str, str]]) -> None:
-    if os.path.exists(os.path.join(bin_dir, "preprocess.log")):
+def _filter_split(split: str, pick, bpe_dir: str, sliced: str, text_dir: str, raw_dir: str, workers: int) -> None:
+    """clean-corpus-n on a train or valid split (BPE'd and raw pairs alike); the test split copied whole."""
+    if split in FILTERED:
+        read, kept = filter_pairs(pick(bpe_dir), pick(sliced), pick(text_dir), pick(raw_dir), workers=workers)
+        print(f"{split}: {kept} of {read} pairs kept by clean-corpus-n -ratio {MAX_RATIO} 1 {MAX_TOKENS} (after BPE)")
         return
+    for a, b in ((pick(bpe_dir), pick(text_dir)), (pick(sliced), pick(raw_dir))):
+        for s, d in zip(a, b):
+            tmp = unique_tmp(d)
+            shutil.copyfile(s, tmp)
+            os.replace(tmp, d)
+
+
+def binarize(text_dir: str, bin_dir: str, src: str, tgt: str, workers: int, dicts: Optional[Tuple[str, str]]) -> None:
     tmp = bin_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vocab = ["--joined-dictionary"] if dicts is None else ["--srcdict", dicts[0], "--tgtdict", dicts[1]]

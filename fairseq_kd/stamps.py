@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 from fairseq_kd.textio import unique_tmp
 
@@ -57,6 +57,7 @@ class Stamps:
     def __init__(self, folder: str):
         self.folder = folder
         self._digests = _DigestCache(folder)
+        self._records: Dict[str, str] = {}  # the record behind each stamp made, written beside it
 
     def file_digest(self, path: str) -> str:
         """The sha256 of ``path``'s content (cached by size and modification time)."""
@@ -71,7 +72,9 @@ class Stamps:
             "inputs": {os.path.abspath(p): self.file_digest(p) if os.path.isfile(p) else None for p in inputs},
             "upstream": upstream,
         }
-        return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+        text = json.dumps(record, sort_keys=True, default=str)
+        self._records[step] = text
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def _path(self, step: str) -> str:
         return os.path.join(self.folder, STAMP_DIR, f"{step}.stamp")
@@ -97,6 +100,21 @@ class Stamps:
             elif os.path.lexists(path):
                 os.remove(path)
 
+    def step(self, step: str, outputs: Sequence[str], settings: Dict, inputs: Iterable[str] = (),
+             upstream: Optional[str] = None, run: Callable[[], None] = lambda: None, log=print) -> str:
+        """Run ``run`` unless ``outputs`` exist and were made with this step's stamp; a changed step's old
+        outputs are removed first (and ``log`` says so).  Returns the stamp, for the steps that read them."""
+        stamp = self.make(step, settings, inputs, upstream)
+        if self.current(step, stamp, outputs):
+            return stamp
+        if any(os.path.lexists(p) for p in outputs):
+            log(f"{step}: its inputs or settings changed, or it was interrupted; removing "
+                f"{', '.join(outputs)} and redoing it")
+        self.invalidate(step, outputs)
+        run()
+        self.record(step, stamp)
+        return stamp
+
     def record(self, step: str, stamp: str) -> None:
         """Record that ``step``'s outputs were made with ``stamp`` (after they are complete)."""
         path = self._path(step)
@@ -105,3 +123,5 @@ class Stamps:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(stamp + "\n")
         os.replace(tmp, path)
+        if step in self._records:  # what the stamp was made from, for a reader asking why a step redid
+            _write_json(path[: -len(".stamp")] + ".json", json.loads(self._records[step]))

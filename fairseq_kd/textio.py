@@ -8,7 +8,7 @@
   reader -- fairseq-preprocess splits on ``\\r`` too -- sees one line per item
   and line counts stay true;
 * :func:`read_json_manifest`: a manifest's JSON, one-line errors when missing or not JSON;
-* :func:`count_lines`: ``wc -l``.
+* :func:`count_lines`: the lines, a last one without a final newline included.
 """
 
 import gzip
@@ -105,6 +105,6 @@ def first_lone_carriage_return(path: str) -> Optional[int]:
 
 
 def count_lines(path: str) -> int:
-    """Number of lines of ``path`` (newline characters, as ``wc -l`` counts)."""
+    """Number of lines of ``path``; a last line without a final newline is a line (``wc -l`` misses it)."""
     with open(path, "rb") as f:
         return sum(1 for _ in f)

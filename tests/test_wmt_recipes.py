@@ -264,16 +264,16 @@ def test_prepare_wmt_en_ro_builds_the_corpus_and_skips_finished_downloads(en_ro_
     assert len(curl_calls) == 2
     assert curl_calls[0].endswith("http://data.statmt.org/wmt16/translation-task/training-parallel-ep-v8.tgz")
 
-    # a re-run downloads nothing and keeps the corpus
+    # a re-run with the same settings downloads nothing and keeps the corpus
     mtime = os.path.getmtime(out / "train.en")
-    proc = world.prepare("--pair", "en-ro", "--out", out)
+    proc = world.prepare("--pair", "en-ro", "--out", out, "--extra-clean")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(world.calls("curl")) == 2
     assert proc.stderr.count("downloaded before, skipped") == 2
     assert os.path.getmtime(out / "train.en") == mtime
 
     # pinning the observed checksums verifies the archives in place (still no download)
-    proc = world.prepare("--pair", "en-ro", "--out", out, "--checksums", out / "checksums.observed")
+    proc = world.prepare("--pair", "en-ro", "--out", out, "--checksums", out / "checksums.observed", "--extra-clean")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(world.calls("curl")) == 2
     assert "verified against" in (out / "README.md").read_text()
@@ -331,7 +331,7 @@ def test_prepare_wmt_damaged_inputs_are_one_line_errors(en_ro_world, tmp_path):
     # an archive without the expected member, and a failing download
     world.serve(EP_V8_URL_NAME, {"training/europarl-v8.et-en.en": text(["x"])})
     line = error_line(world.prepare("--pair", "en-ro", "--out", tmp_path / "c"))
-    assert "has no member training-parallel-ep-v8/europarl-v8.ro-en.en" in line and "delete it" in line
+    assert "has no member training-parallel-ep-v8/europarl-v8.ro-en.en" in line and "move it aside" in line
     os.remove(os.path.join(world.server, SETIMES_URL_NAME))
     line = error_line(world.prepare("--pair", "en-ro", "--out", tmp_path / "d"))
     assert "en-ro.txt.zip" in line and "exit status 22" in line
@@ -753,7 +753,7 @@ def test_prepare_wmt_refuses_a_corrupted_archive(en_ro_world, tmp_path):
     out = tmp_path / "corrupt"
     line = error_line(world.prepare("--pair", "en-ro", "--out", out))
     archive = str(out / "orig" / "training-parallel-ep-v8.tgz")
-    assert f"cannot read {archive}" in line and "delete it and re-run" in line
+    assert f"cannot read {archive}" in line and "move it aside and re-run" in line
     assert not (out / "train.en").exists() and not (out / "train.ro").exists()
     # pinned to the good archive's hash: the corrupted download is refused before it is even opened
     good = tmp_path / "good.tgz"

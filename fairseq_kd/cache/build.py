@@ -15,8 +15,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from fairseq_kd.cache.integrity import write_shard_record
 from fairseq_kd.cache.manifest import (
-    DEFAULT_K, build_manifest, read_manifest, shard_dir, write_or_check_manifest,
+    DEFAULT_K, build_manifest, record_shards, shard_dir, write_or_check_manifest,
 )
 from fairseq_kd.cliargs import shard_range
 from fairseq_kd.errors import DistillationError
@@ -110,6 +111,7 @@ def build_shard(teacher, dataset, out_dir: str, shard_id: int, num_shards: int, 
                 tail_out.add(np.ascontiguousarray(tail).view(np.uint32))
     for out in (ids_out, values_out, tail_out):
         out.finalize()
+    write_shard_record(tmp)  # sizes and digests, verified when the cache is opened
     os.replace(tmp, final)
     logger.info("shard %d of %d: examples %d-%d written to %s", shard_id, num_shards, start, end - 1, final)
 
@@ -119,10 +121,12 @@ def build_cache(
     num_shards: int = 1, shard_ids: Optional[Sequence[int]] = None, max_tokens: int = 4096,
     max_sentences: Optional[int] = None, source_lang: Optional[str] = None, target_lang: Optional[str] = None,
     device=None, precision: str = "fp32", teacher_data_dir: Optional[str] = None, progress: bool = True,
+    truncate_source: bool = False, max_source_positions: int = 1024,
 ) -> List[int]:
     """Build (the missing shards among ``shard_ids`` of) the cache of ``split`` in ``out_dir``;
     returns the ids of the shards built by this call."""
     from fairseq_kd.cache.manifest import ids_dtype_name
+    from fairseq_kd.cache.provenance import check_languages, checkpoint_languages, split_fingerprint
     from fairseq_kd.decoding.fairseq_backend import build_task
     from fairseq_kd.teacher import load_teacher, split_paths
 
@@ -138,6 +142,7 @@ def build_cache(
     src, tgt = task.cfg.source_lang, task.cfg.target_lang
     # fields that a plain TranslationConfig leaves as interpolations of fairseq's top-level config
     task.cfg.dataset_impl, task.cfg.required_seq_len_multiple = None, 1
+    task.cfg.truncate_source, task.cfg.max_source_positions = truncate_source, max_source_positions
     try:
         task.load_dataset(split)
     except FileNotFoundError as e:
@@ -148,9 +153,11 @@ def build_cache(
     vocab = len(task.target_dictionary)
     if k > vocab:
         raise DistillationError(f"--k {k} exceeds the target dictionary's {vocab} symbols")
+    teacher_langs = [checkpoint_languages(p) for p in paths]
+    check_languages("--path", list(zip(paths, teacher_langs)), src, tgt)
     manifest = build_manifest(
         paths, data, split, src, tgt, len(dataset), int(np.sum(dataset.tgt_sizes)), vocab, k, temperature,
-        num_shards,
+        num_shards, split_fingerprint(dataset, task.cfg, data), teacher_langs,
     )
     write_or_check_manifest(out_dir, manifest)
     shard_ids = list(range(num_shards)) if shard_ids is None else list(shard_ids)
@@ -160,6 +167,7 @@ def build_cache(
     for s in sorted(set(shard_ids) - set(todo)):
         logger.info("shard %d of %d is complete: skipped", s, num_shards)
     if not todo:
+        record_shards(out_dir)
         return []
     device = torch.device("cpu") if device is None else torch.device(device)
     teacher = load_teacher(paths, task, precision=precision, teacher_data_dir=teacher_data_dir).to(device)
@@ -167,5 +175,5 @@ def build_cache(
     for s in todo:
         build_shard(teacher, dataset, out_dir, s, num_shards, k, temperature, ids_dtype, device,
                     max_tokens, max_sentences, progress)
-    read_manifest(out_dir)  # still there and readable
+    record_shards(out_dir)  # once every shard is there: their digests into the manifest
     return todo

@@ -9,6 +9,9 @@
     machine, sharing ``--out-dir``); a re-run skips the complete shards.
 ``info``
     Print a cache's manifest and its size per target token.
+``verify``
+    Check every shard file against the sizes and digests in the manifest
+    (sampled blocks; ``--full``: whole files) and every example's values.
 
 Train on the result with ``--task distillation_translation --teacher-cache DIR``
 instead of ``--teacher-path`` (docs/teacher_cache.md).
@@ -45,10 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_shard_arguments(b, "build only this shard (default: every missing shard in turn)")
     b.add_argument("--max-tokens", type=int, default=4096, help="tokens per teacher batch")
     b.add_argument("--batch-size", type=int, help="sentences per teacher batch (default: no limit)")
+    b.add_argument("--truncate-source", action="store_true",
+                   help="feed the teacher sources cut to --max-source-positions, as a student trained with "
+                   "--truncate-source sees them (recorded; training checks it)")
+    b.add_argument("--max-source-positions", type=int, default=1024,
+                   help="source length the sources are cut to with --truncate-source (default: 1024)")
     add_device_arguments(b, "run the teacher on the CPU")
     i = sub.add_parser("info", help="print a cache's manifest and its size per target token")
     i.add_argument("cache_dir", help="cache directory")
+    v = sub.add_parser("verify", help="check the shard files' sizes and digests and every stored value")
+    v.add_argument("cache_dir", help="cache directory")
+    v.add_argument("--full", action="store_true",
+                   help="digest the whole files (default: their sizes and sampled blocks)")
     return parser
+
+
+def verify(cache_dir: str, full: bool) -> int:
+    """Open the cache (sizes and digests, ``full``: whole files) and read every example (its values'
+    range); returns the number of examples."""
+    from fairseq_kd.cache.dataset import TeacherCache
+
+    cache = TeacherCache(cache_dir, full=full)
+    for i in range(len(cache)):
+        cache[i]
+    return len(cache)
 
 
 def cache_size(cache_dir: str) -> dict:
@@ -76,6 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(json.dumps({"manifest": read_manifest(args.cache_dir), "size": cache_size(args.cache_dir)},
                              indent=1, sort_keys=True))
             return
+        if args.command == "verify":
+            n = verify(args.cache_dir, args.full)
+            print(f"{args.cache_dir}: {n} examples, every file and value checked"
+                  f"{' (whole-file sha256)' if args.full else ' (sizes and sampled sha256)'}")
+            return
         from fairseq_kd.cache.build import build_cache
         from fairseq_kd.decoding.fairseq_backend import resolve_device
 
@@ -85,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             max_tokens=args.max_tokens, max_sentences=args.batch_size, source_lang=args.source_lang,
             target_lang=args.target_lang, device=resolve_device(args.device, args.cpu),
             precision=args.teacher_precision, teacher_data_dir=args.teacher_data_dir,
-            progress=not args.no_progress_bar,
+            progress=not args.no_progress_bar, truncate_source=args.truncate_source,
+            max_source_positions=args.max_source_positions,
         )
 
 

@@ -2,9 +2,12 @@
 that refuse a cache that does not fit.
 
 ``DIR/manifest.json`` records the sha256 of every teacher checkpoint and of
-both dictionaries, the split's name, number of examples and of target tokens,
-the language pair, ``k``, the temperature the log-probabilities were computed
-at, the dtypes of ids and values and the number of shards.  A build into a
+both dictionaries, the languages each teacher was trained on, the split's name,
+number of examples and of target tokens, the fingerprint of what the teacher saw
+(:mod:`fairseq_kd.cache.provenance`), the language pair, ``k``, the temperature
+the log-probabilities were computed at, the dtypes of ids and values, the number
+of shards and, once every shard is built, each shard file's size and digests
+(:mod:`fairseq_kd.cache.integrity`).  A build into a
 directory whose manifest differs is refused (its shards would not belong to
 one cache), and so is a cache whose manifest does not match the training run
 (:func:`check_manifest`); each refusal is one line naming the file and the
@@ -20,11 +23,14 @@ from typing import Dict, Optional, Sequence
 
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.hashing import dictionary_hashes, sha256_of
-from fairseq_kd.textio import read_json_manifest
+from fairseq_kd.textio import read_json_manifest, unique_tmp
 
 MANIFEST = "manifest.json"
-#: version of the on-disk layout (2: the teacher's tail log-mass stored per position)
-FORMAT = 2
+#: version of the on-disk layout (2: the teacher's tail log-mass stored per position; 3: shard digests and
+#: the fingerprint of the split and of the teacher's languages)
+FORMAT = 3
+#: manifest fields written after the build, not part of what identifies a cache
+AFTER_BUILD = ("shards",)
 #: dtype of the cached log-probabilities (stored as their uint16 bit patterns)
 VALUES_DTYPE = "float16"
 #: dtype of the cached tail log-masses (stored as their uint32 bit patterns)
@@ -49,10 +55,13 @@ def shard_dir(cache_dir: str, shard_id: int, num_shards: int) -> str:
 def build_manifest(
     teacher_paths: Sequence[str], data_dir: str, split: str, src: str, tgt: str, num_examples: int,
     num_target_tokens: int, vocab_size: int, k: int, temperature: float, num_shards: int,
+    fingerprint: Dict, teacher_langs: Sequence,
 ) -> Dict:
     return {
         "format": FORMAT,
         "teacher": [{"file": os.path.basename(p), "sha256": sha256_of(p)} for p in teacher_paths],
+        "teacher_langs": [list(langs) if langs else None for langs in teacher_langs],
+        "fingerprint": fingerprint,
         "dictionaries": dictionary_hashes(data_dir, (src, tgt)),
         "source_lang": src,
         "target_lang": tgt,
@@ -72,6 +81,8 @@ def build_manifest(
 def _describe(key: str, old, new) -> str:
     if key == "teacher":
         return "the teacher checkpoint(s) differ (sha256)"
+    if key == "fingerprint":
+        return "the split's content or the options the teacher saw differ"
     if key == "dictionaries":
         if isinstance(old, dict) and set(old) == {"src", "tgt"}:
             return "it records its dictionaries in an older form ({src, tgt}); rebuild the cache"
@@ -85,14 +96,19 @@ def write_or_check_manifest(cache_dir: str, manifest: Dict) -> None:
     path = os.path.join(cache_dir, MANIFEST)
     if os.path.exists(path):
         old = read_manifest(cache_dir)
-        changed = [key for key in sorted(set(old) | set(manifest)) if old.get(key) != manifest.get(key)]
+        changed = [key for key in sorted(set(old) | set(manifest))
+                   if key not in AFTER_BUILD and old.get(key) != manifest.get(key)]
         if changed:
             raise DistillationError(
                 f"{path} records another cache: {_describe(changed[0], old.get(changed[0]), manifest.get(changed[0]))}; "
-                f"build into a new --out-dir or delete {cache_dir}"
+                f"build into a new --out-dir"
             )
         return
-    tmp = f"{path}.tmp{os.getpid()}"
+    _write(path, manifest)
+
+
+def _write(path: str, manifest: Dict) -> None:
+    tmp = unique_tmp(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -113,7 +129,7 @@ def read_current_manifest(cache_dir: str) -> Dict:
     if manifest.get("format") != FORMAT:
         raise DistillationError(
             f"teacher cache {os.path.join(cache_dir, MANIFEST)} has format {manifest.get('format')!r}, this version "
-            f"reads format {FORMAT} (the teacher's tail mass stored at build time): rebuild it with "
+            f"reads format {FORMAT} (shard digests and the fingerprint of the split): rebuild it with "
             f"`fairseq-kd-build-cache build --out-dir NEW_DIR ...`"
         )
     return manifest
@@ -135,3 +151,20 @@ def check_manifest(cache_dir: str, manifest: Dict, expected: Dict, fixes: Option
 def missing_shards(cache_dir: str, manifest: Dict):
     n = manifest["num_shards"]
     return [i for i in range(n) if not os.path.isdir(shard_dir(cache_dir, i, n))]
+
+
+def record_shards(cache_dir: str) -> bool:
+    """Once every shard is built, copy their size and digest records into the manifest (``shards``);
+    whether the manifest now has them.  Concurrent builders write the same content."""
+    from fairseq_kd.cache.integrity import read_shard_record
+
+    manifest = read_manifest(cache_dir)
+    n = manifest["num_shards"]
+    folders = [shard_dir(cache_dir, i, n) for i in range(n)]
+    records = [read_shard_record(f) if os.path.isdir(f) else None for f in folders]
+    if any(r is None for r in records):
+        return False
+    shards = {os.path.basename(f): r for f, r in zip(folders, records)}
+    if manifest.get("shards") != shards:
+        _write(os.path.join(cache_dir, MANIFEST), {**manifest, "shards": shards})
+    return True

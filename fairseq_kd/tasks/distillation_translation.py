@@ -40,6 +40,7 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_kd.cache import provenance
 from fairseq_kd.cache.dataset import CachedTeacher, load_teacher_cache
 from fairseq_kd.cache.manifest import check_manifest, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
@@ -118,11 +119,13 @@ class DistillationTranslationTask(TranslationTask):
                 len(teacher_target),
             )
         if self.cfg.teacher_cache and split == self.cfg.train_subset:
-            self.datasets[split] = load_teacher_cache(self.cfg.teacher_cache, self.datasets[split], split, self.tgt_dict.pad())
+            self.datasets[split] = load_teacher_cache(self.cfg.teacher_cache, self.datasets[split], split,
+                                                      self.tgt_dict.pad(), self.cfg)
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg)
         self.criterion = criterion
+        provenance.check_cache_reader(self.cfg, criterion, cfg._name)
         if getattr(criterion, "needs_teacher_target", False) and not self.cfg.teacher_target_subset:
             raise DistillationError(
                 f"criterion {cfg._name} trains on the teacher's translations: pass "
@@ -173,6 +176,7 @@ class DistillationTranslationTask(TranslationTask):
                 precision=str(self.cfg.teacher_precision),
                 teacher_data_dir=self.cfg.teacher_data_dir,
             )
+            provenance.check_live_teacher_languages(split_paths(self.cfg.teacher_path), self.cfg)
             logger.info(
                 "teacher: %d model(s), %d parameters, %s, frozen",
                 len(self.teacher), self.teacher.num_parameters(), self.cfg.teacher_precision,

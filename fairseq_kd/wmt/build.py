@@ -1,7 +1,8 @@
 """Building a WMT corpus folder: download and verify the archives, extract, clean, fetch the test sets.
 
 :func:`prepare` runs the steps in order, each skipped when its output is
-already there; :func:`write_readme` records the provenance in ``OUT/README.md``.
+already there and was made from the same inputs and settings (the archive's sha256,
+:mod:`fairseq_kd.stamps`); :func:`write_readme` records the provenance in ``OUT/README.md``.
 """
 
 import os
@@ -74,7 +75,7 @@ def prepare(pair_name: str, out: str, orig: Optional[str] = None, checksums: Opt
     for archive in pair.archives:
         wanted = [b.member(lang) for b in pair.bitexts if b.archive == archive.name for lang in (pair.src, pair.tgt)]
         folder = os.path.join(orig, archive.name + ".d")
-        extract_members(os.path.join(orig, archive.name), wanted, folder)
+        extract_members(os.path.join(orig, archive.name), wanted, folder, digests[archive.name])
         extracted[archive.name] = folder
     build_train(pair, extracted, out, max_words, max_ratio)
     fetch_test_set(pair, "valid", pair.valid, out, sacrebleu)

@@ -19,6 +19,7 @@ from typing import Dict, Iterator, Tuple
 from tqdm import tqdm
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.stamps import Stamps
 from fairseq_kd.textio import count_lines
 from fairseq_kd.wmt.archives import Pair
 from fairseq_kd.wmt.log import log
@@ -52,9 +53,16 @@ def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int 
     """Concatenate and clean the training corpora into ``OUT/train.{src,tgt}``; returns ``{corpus: (read, kept)}``."""
     dest = {lang: os.path.join(out, f"train.{lang}") for lang in (pair.src, pair.tgt)}
     stats: Dict[str, Tuple[int, int]] = {}
-    if all(os.path.exists(p) for p in dest.values()):
-        log(f"train.{pair.src}, train.{pair.tgt}: built before, skipped")
+    stamps = Stamps(out)
+    inputs = [os.path.join(extracted[b.archive], b.member(lang)) for b in pair.bitexts for lang in (pair.src, pair.tgt)]
+    stamp = stamps.make("train", {"bitexts": [b.prefix for b in pair.bitexts], "max_words": max_words,
+                                  "max_ratio": max_ratio}, inputs)
+    if stamps.current("train", stamp, dest.values()):
+        log(f"train.{pair.src}, train.{pair.tgt}: built before from the same bitexts and settings, skipped")
         return stats
+    if any(os.path.exists(p) for p in dest.values()):
+        log(f"train.{pair.src}, train.{pair.tgt}: the bitexts or the cleaning settings changed; rebuilding them")
+    stamps.invalidate("train", list(dest.values()))
     tmp = {lang: path + ".tmp" for lang, path in dest.items()}
     kept_total = 0
     with open(tmp[pair.src], "w", encoding="utf-8") as fs, open(tmp[pair.tgt], "w", encoding="utf-8") as ft:
@@ -69,7 +77,7 @@ def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int 
                     raise DistillationError(
                         f"{src_path} and {tgt_path} differ in length (the {'source' if s is None else 'target'} "
                         f"side ends after {read} lines); the archive {bitext.archive} is damaged or not the "
-                        f"expected release: delete it and re-run"
+                        f"expected release: move it aside and re-run to download it again"
                     )
                 read += 1
                 s, t = clean_line(s), clean_line(t)
@@ -83,7 +91,9 @@ def build_train(pair: Pair, extracted: Dict[str, str], out: str, max_words: int 
     for lang in (pair.src, pair.tgt):
         n = count_lines(tmp[lang])
         if n != kept_total:
-            raise DistillationError(f"{tmp[lang]} has {n} lines, expected {kept_total}; delete it and re-run")
+            raise DistillationError(f"{tmp[lang]} has {n} lines, expected {kept_total} (a full disk?); re-run "
+                                    f"(the step starts over)")
     for lang in (pair.src, pair.tgt):
         os.replace(tmp[lang], dest[lang])
+    stamps.record("train", stamp)
     return stats

@@ -5,6 +5,7 @@ import shlex
 import subprocess
 
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.stamps import Stamps
 from fairseq_kd.textio import count_lines
 from fairseq_kd.wmt.archives import Pair, TestSet
 from fairseq_kd.wmt.log import log
@@ -13,10 +14,14 @@ from fairseq_kd.wmt.log import log
 def fetch_test_set(pair: Pair, split: str, test_set: TestSet, out: str, sacrebleu: str) -> None:
     """``OUT/{split}.{src,tgt}`` from ``sacrebleu -t NAME -l SRC-TGT --echo src|ref``."""
     dest = {pair.src: os.path.join(out, f"{split}.{pair.src}"), pair.tgt: os.path.join(out, f"{split}.{pair.tgt}")}
-    if all(os.path.exists(p) for p in dest.values()):
+    langpair = f"{pair.src}-{pair.tgt}"
+    stamps = Stamps(out)
+    stamp = stamps.make(f"testset.{split}", {"sacrebleu": test_set.sacrebleu, "langpair": langpair,
+                                             "lines": test_set.lines})
+    if stamps.current(f"testset.{split}", stamp, dest.values()):
         log(f"{split} ({test_set.label}): fetched before, skipped")
         return
-    langpair = f"{pair.src}-{pair.tgt}"
+    stamps.invalidate(f"testset.{split}", list(dest.values()))
     for lang, side in ((pair.src, "src"), (pair.tgt, "ref")):
         cmd = shlex.split(sacrebleu) + ["-t", test_set.sacrebleu, "-l", langpair, "--echo", side]
         tmp = dest[lang] + ".tmp"
@@ -39,3 +44,4 @@ def fetch_test_set(pair: Pair, split: str, test_set: TestSet, out: str, sacreble
             )
     for lang in (pair.src, pair.tgt):
         os.replace(dest[lang] + ".tmp", dest[lang])
+    stamps.record(f"testset.{split}", stamp)

@@ -401,7 +401,7 @@ prepare_extra_test() {  # prepare_extra_test NAME SRC_FILE REF_FILE: WORK/extra/
     if [[ $DRY_RUN == 1 ]]; then note "extra test $name: $src_file $ref_file $(cat "$src_file" "$ref_file" 2>/dev/null | cksum)"; return; fi
     require_file "$src_file" "--extra-test $name: the source file is missing"
     require_file "$ref_file" "--extra-test $name: the reference file is missing"
-    assert_lines "$ref_file" "$(wc -l < "$src_file")"
+    assert_lines "$ref_file" "$(count_lines "$src_file")"
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/raw" "$dir.tmp/spm"
     cp "$src_file" "$dir.tmp/raw/test.$SRC"
     cp "$ref_file" "$dir.tmp/raw/test.$TGT"

@@ -9,7 +9,7 @@
 #   run_log LOG CMD [ARGS...]      run CMD, its output also appended to LOG
 #   note TEXT                      a line that is part of the stage's fingerprint (e.g. its input sizes)
 #   require_file PATH HINT         exit with a one-line error unless PATH exists
-#   assert_lines FILE N            exit with a one-line error unless FILE has exactly N lines
+#   assert_lines FILE N            exit with a one-line error unless FILE has exactly N lines (count_lines)
 #
 # A finished stage leaves STAGE_DIR/NAME.done recording the fingerprint it ran with: a hash of the
 # commands it runs (the stage function under DRY_RUN=1: every setting that reaches a command line) and
@@ -201,14 +201,20 @@ require_file() {
 assert_lines() {
     [[ $DRY_RUN == 1 ]] && return 0
     local file=$1 expected=$2 got
-    got=$(wc -l < "$file")
+    got=$(count_lines "$file")
     if [ "$got" -ne "$expected" ]; then
-        echo "$(basename "$0"): error: $file has $got lines, expected $expected; delete it and re-run" >&2
+        echo "$(basename "$0"): error: $file has $got lines, expected $expected; one line per sentence:" \
+            "correct the input it comes from, or re-run the stage that wrote it" >&2
         exit 1
     fi
 }
 
+# count_lines FILE: its lines, a last line without a final newline included (wc -l misses that one)
+count_lines() {
+    awk 'END { print NR }' "$1"
+}
+
 # lines FILE: its line count, or a placeholder under --dry-run (the file may not exist yet)
 lines() {
-    if [[ $DRY_RUN == 1 ]]; then echo "N($(basename "$1"))"; else wc -l < "$1"; fi
+    if [[ $DRY_RUN == 1 ]]; then echo "N($(basename "$1"))"; else count_lines "$1"; fi
 }
