@@ -51,7 +51,7 @@ ROUNDS=0
 UNLABELED=
 SETS=()
 TEACHER_EXTRA='' STUDENT_EXTRA='' DECODE_EXTRA=''
-LAUNCHER='' NODES=1 NPROC='' NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-29500}
+LAUNCHER='' NODES=1 NPROC='' NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-}
 SEGMENTATION='' TEACHER_DIR='' TEACHER_CACHE=0 COMET_MODEL='' TEACHER_PRECISION=fp32 ALLOW_CPU=0 DRY_RUN=0
 REDO=''  # read by scripts/lib/stages.sh
 PYTHON=${PYTHON:-python}
@@ -139,8 +139,8 @@ PRESET=$REPO/examples/wmt14/presets/$PAIR.sh
 source "$PRESET"
 for assignment in "${SETS[@]}"; do  # --set NAME=VALUE: the preset's variables (and the recipe's below)
     name=${assignment%%=*}
-    [[ -v $name ]] || [[ " TRAIN_LINES VALID_LINES TEST_LINES VOCAB TEACHER_UPDATES STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS LENPEN TEST_BATCH FP16 TOKENS_PER_UPDATE MAX_TOKENS TEST_DECODE_ARGS DECODE_ARGS STUDENT_AVERAGE SBATCH_ARGS CACHE_ARGS " == *" $name "* ]] \
-        || die "--set $name: unknown setting (see $PRESET and --help)"
+    [[ -v $name ]] || [[ " TRAIN_LINES VALID_LINES TEST_LINES VOCAB TEACHER_UPDATES STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS DECODE_CHUNK CLAIM_TIMEOUT ON_DEGENERATE LENPEN TEST_BATCH FP16 TOKENS_PER_UPDATE MAX_TOKENS TEST_DECODE_ARGS DECODE_ARGS STUDENT_AVERAGE SRUN_ARGS TRAIN_CPUS DECODE_CPUS NODE_TIMEOUT NODE_HEARTBEAT NODE_POLL CACHE_ARGS " == *" $name "* ]] \
+        || die "--set $name: unknown setting (see $PRESET and --help)$([[ $name != SBATCH_ARGS ]] || echo "; under SLURM every step is an srun inside the allocation: --set SRUN_ARGS=...")"
     export "${assignment?}"
     case $name in TEACHER_DROPOUT | STUDENT_DROPOUT | PATIENCE | BPE_MERGES | VALIDATE_UPDATES | CPU_* | FULL_*)
         printf -v "$name" '%s' "${assignment#*=}" ;; esac
@@ -155,6 +155,7 @@ if [[ $SCALE == cpu ]]; then
     : "${TRAIN_LINES=$CPU_TRAIN_LINES}" "${VALID_LINES=$CPU_VALID_LINES}"
     : "${TEST_LINES=}" "${VOCAB:=4000}" "${TEACHER_UPDATES:=600}" "${STUDENT_UPDATES:=300}"
     : "${TRAIN_BEAM:=1}" "${TEST_BEAM:=4}" "${DECODE_SHARDS:=2}" "${MAX_TOKENS:=4096}" "${TOKENS_PER_UPDATE:=}"
+    : "${DECODE_CHUNK:=5000}"
     WORKERS=1
     TRAIN_ARGS="--share-all-embeddings --optimizer adam --adam-betas (0.9,0.98)
         --lr-scheduler inverse_sqrt --warmup-updates 100 --warmup-init-lr 1e-07 --clip-norm 1.0
@@ -170,7 +171,7 @@ if [[ $SCALE == cpu ]]; then
     DECODE_PARALLEL=2; : "${DECODE_ARGS=--max-len-a 1.2 --max-len-b 10}"
     : "${TEST_DECODE_ARGS=--max-len-a 1.2 --max-len-b 10}"
     : "${LENPEN:=1}" "${TEST_BATCH:=128}" "${FP16:=0}"
-    ON_DEGENERATE=keep  # iterative rounds: such tiny students loop, "drop" would leave most labels out
+    : "${ON_DEGENERATE:=keep}"  # such tiny models loop: "drop" would leave most sentences out
     NPROC=${NPROC:-1}
 else
     DATA_ROOT=${DATA_ROOT:-$REPO/work/corpora}
@@ -180,6 +181,7 @@ else
     : "${TEACHER_UPDATES:=$FULL_TEACHER_UPDATES}" "${STUDENT_UPDATES:=$FULL_STUDENT_UPDATES}"
     : "${TRAIN_BEAM:=5}" "${TEST_BEAM:=4}" "${MAX_TOKENS:=4096}" "${TOKENS_PER_UPDATE:=32768}"
     WORKERS=$(nproc 2>/dev/null || echo 4)
+    [[ $LAUNCHER != single ]] || NPROC=${NPROC:-1}  # one process on one GPU, whatever the node has
     if [[ $LAUNCHER == slurm || $DRY_RUN == 1 ]]; then
         NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}  # the GPUs are where srun runs (or nowhere: a dry run)
         (( GPUS > 0 )) || [[ $LAUNCHER == slurm ]] || echo "note: no GPU on this machine; the dry run shows the GPU commands"
@@ -191,7 +193,8 @@ else
         NPROC=${NPROC:-$GPUS}
         (( NPROC <= GPUS || NODES > 1 )) || die "--gpus-per-node $NPROC but torch sees $GPUS GPUs here"
     fi
-    : "${DECODE_SHARDS:=$(( NODES * NPROC ))}"  # one teacher-decoding shard per GPU
+    : "${DECODE_SHARDS:=$(( NODES * NPROC ))}"  # one teacher-cache shard per GPU
+    : "${DECODE_CHUNK:=20000}"  # teacher decoding: a work queue of chunks of 20k sentences
     VALIDATE=
     [[ -z ${VALIDATE_UPDATES:-} ]] || VALIDATE="--validate-interval-updates $VALIDATE_UPDATES"
     TRAIN_ARGS="--share-all-embeddings --optimizer adam --adam-betas (0.9,0.98)
@@ -208,7 +211,11 @@ else
     STUDENT_AVERAGE=${STUDENT_AVERAGE:-5}; AVERAGE_UPPER_BOUND=$STUDENT_UPDATES
     DECODE_PARALLEL=1; : "${DECODE_ARGS=--max-tokens 8000}"  # fairseq's length cap (0 x source + 200)
     : "${TEST_DECODE_ARGS=}" "${LENPEN:=0.6}" "${TEST_BATCH:=128}" "${FP16:=1}"
-    ON_DEGENERATE=drop
+    : "${ON_DEGENERATE:=drop}"  # degenerate teacher translations left out of training (counted in the report)
+fi
+if [[ -z $MASTER_PORT ]]; then  # under SLURM a port of the job (two jobs on one node do not collide)
+    MASTER_PORT=29500
+    [[ $LAUNCHER != slurm || -z ${SLURM_JOB_ID:-} ]] || MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 50000 ))
 fi
 LAUNCHER=${LAUNCHER:-$( (( NPROC > 1 )) && echo spawn || echo single)}
 [[ $LAUNCHER != single || $NPROC == 1 ]] || die "--gpus-per-node $NPROC needs --launcher spawn, torchrun or slurm"
