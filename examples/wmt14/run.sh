@@ -27,8 +27,11 @@
 # overridden by  --set NAME=VALUE  (repeatable; any variable of the preset or of the lists below).
 # --teacher-args "..." --student-args "..." --decode-args "..."   extra fairseq flags of one stage
 # --launcher single|spawn|torchrun|slurm  --nodes N  --gpus-per-node G   (G: CPU processes on CPU)
-#               --node-rank R --master-addr HOST --master-port PORT (torchrun: run.sh on every node)
-#               tokens per update stay at the paper's 32k for any GPU count (update-freq computed, printed)
+#               --node-rank R --master-addr HOST --master-port PORT (torchrun: run.sh on every node, one
+#               shared --work; node 0 drives, the others join its trainings and decoding: README "Across
+#               nodes"; slurm: the port defaults to one derived from SLURM_JOB_ID)
+#               tokens per update stay at the paper's 32k for any GPU count (update-freq computed, printed);
+#               single is one process on one GPU
 # --segmentation spm|bpe   joint SentencePiece (default) or Moses + joint BPE (fairseq's published models)
 # --teacher-dir DIR  a downloaded fairseq model folder (model.pt, dict.*.txt, bpecodes) is the teacher
 # --teacher-cache    build the offline teacher cache and let the KD students read it
@@ -38,6 +41,8 @@
 #
 # Environment overrides (quick tries, tests): TRAIN_LINES VALID_LINES TEST_LINES VOCAB TEACHER_UPDATES
 # STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS; PYTHON [python]; ITERATE_SH [scripts/iterate.sh].
+# --set only: DECODE_CHUNK (teacher-decoding queue chunk) CLAIM_TIMEOUT ON_DEGENERATE SRUN_ARGS TRAIN_CPUS
+# DECODE_CPUS NODE_TIMEOUT NODE_HEARTBEAT NODE_POLL (scripts/lib/pipeline.sh, scripts/lib/nodes.sh).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -63,7 +68,7 @@ abspath() { if [[ -z $1 || $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi;
 
 while [ $# -gt 0 ]; do
     case $1 in
-        -h | --help) sed -n '2,39p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,44p' "$0"; exit 0 ;;
         --allow-cpu) ALLOW_CPU=1; shift; continue ;;
         --dry-run) DRY_RUN=1; shift; continue ;;
         --teacher-cache) TEACHER_CACHE=1; shift; continue ;;
@@ -219,12 +224,22 @@ if [[ -z $MASTER_PORT ]]; then  # under SLURM a port of the job (two jobs on one
 fi
 LAUNCHER=${LAUNCHER:-$( (( NPROC > 1 )) && echo spawn || echo single)}
 [[ $LAUNCHER != single || $NPROC == 1 ]] || die "--gpus-per-node $NPROC needs --launcher spawn, torchrun or slurm"
-UPDATE_FREQ=1
+batches() {  # batches LABEL WORLD: UF and MT for the paper's tokens per update on WORLD GPUs, printed
+    local world=$2
+    UF=$(( (TOKENS_PER_UPDATE + world * MAX_TOKENS - 1) / (world * MAX_TOKENS) ))
+    MT=$(( TOKENS_PER_UPDATE / (world * UF) ))
+    echo "$1: $world GPUs x $MT tokens x update-freq $UF = $(( world * MT * UF )) (paper: $TOKENS_PER_UPDATE$( (( world * MT * UF == TOKENS_PER_UPDATE )) || echo ", rounded"))"
+}
+UPDATE_FREQ=1 ITERATE_BATCH=''
 if [[ -n $TOKENS_PER_UPDATE ]]; then  # the paper's tokens per update on any number of GPUs
-    world=$(( NODES * NPROC ))
-    UPDATE_FREQ=$(( (TOKENS_PER_UPDATE + world * MAX_TOKENS - 1) / (world * MAX_TOKENS) ))
-    MAX_TOKENS=$(( TOKENS_PER_UPDATE / (world * UPDATE_FREQ) ))
-    echo "tokens per update: $world GPUs x $MAX_TOKENS tokens x update-freq $UPDATE_FREQ = $(( world * MAX_TOKENS * UPDATE_FREQ )) (paper: $TOKENS_PER_UPDATE$( (( world * MAX_TOKENS * UPDATE_FREQ == TOKENS_PER_UPDATE )) || echo ", rounded"))"
+    max_tokens=$MAX_TOKENS
+    if (( ROUNDS > 0 )); then  # the rounds run on node 0 with fairseq's own spawn over its GPUs (one with single)
+        batches "tokens per update of the iterative rounds" "$([[ $LAUNCHER == single ]] && echo 1 || echo "$NPROC")"
+        ITERATE_BATCH="--max-tokens $MT --update-freq $UF --distributed-world-size $([[ $LAUNCHER == single ]] && echo 1 || echo "$NPROC")"
+    fi
+    MAX_TOKENS=$max_tokens
+    batches "tokens per update" $(( NODES * NPROC ))
+    UPDATE_FREQ=$UF MAX_TOKENS=$MT
 fi
 TRAIN_ARGS="$TRAIN_ARGS --max-tokens $MAX_TOKENS"
 STUDENTS=${STUDENTS:-baseline word_kd seq_kd tie_kd self_evolution_kd hybrid_gated_kd}
@@ -250,6 +265,17 @@ prepare_wmt() {  # no stage marker: prepare-wmt.sh skips its own finished steps,
         ${CHECKSUMS:+--checksums "$CHECKSUMS"}
 }
 
+iterate_train_args() {  # the training flags of the rounds: their own batches for the GPUs they run on
+    local i out=()
+    for ((i = 0; i < ${#train_args[@]}; i++)); do
+        case ${train_args[i]} in
+            --max-tokens | --update-freq) [[ -z $ITERATE_BATCH ]] || { i=$((i + 1)); continue; } ;;
+        esac
+        out+=("${train_args[i]}")
+    done
+    echo "${out[*]} $ITERATE_BATCH"
+}
+
 iterate() {  # iterative rounds on source-only text; iterate.sh keeps its own per-round state in WORK/iterate
     local unlabeled=${UNLABELED:-$DATA/raw/train.$SRC} spm=$DATA/spm.model valid_ref=$DATA/raw/valid.$TGT
     require_file "$TEACHER_CKPT" "the teacher stage did not finish"
@@ -258,7 +284,7 @@ iterate() {  # iterative rounds on source-only text; iterate.sh keeps its own pe
     run env DATA="$BIN" UNLABELED="$unlabeled" SPM_MODEL="$spm" TEACHER="$TEACHER_CKPT" \
         VALID_REF="$valid_ref" WORK="$WORK/iterate" SRC="$SRC" TGT="$TGT" ROUNDS="$ROUNDS" \
         UPDATES_PER_ROUND="$STUDENT_UPDATES" ARCH_ARGS="${student_args[*]}" \
-        TRAIN_ARGS="${train_args[*]} --ddp-backend legacy_ddp" \
+        TRAIN_ARGS="$(iterate_train_args) --ddp-backend legacy_ddp" \
         LABEL_BEAM="$TRAIN_BEAM" VALID_BEAM="$TEST_BEAM" ON_DEGENERATE="$ON_DEGENERATE" \
         DECODE_ARGS="${decode_args[*]}" \
         CPU="$([[ ${device[*]} == --cpu ]] && echo 1 || echo 0)" PYTHON="$PYTHON" USER_DIR="$USER_DIR" \
