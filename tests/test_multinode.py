@@ -178,3 +178,84 @@ def test_a_failure_of_node_0_reaches_node_1_as_one_line(tmp_path):
     assert rc1 == 1, out1[-2000:]
     errors = [line for line in out1.splitlines() if "error" in line]
     assert errors == ["run.sh: error: node 0 failed: stage iterate (exit 7); node 1 stops (see node 0's output)"]
+
+
+# ---- SLURM, with srun/sbatch/scontrol shims on PATH that start local processes --------------------------
+
+FAKE_SRUN = r'''
+import json, os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
+    f.write(json.dumps(["srun", *args]) + "\n")
+valued = {"--nodes", "--ntasks", "--ntasks-per-node", "--cpus-per-task", "--gpus-per-node", "--gpus-per-task",
+          "--partition", "--comment", "--time", "--mem"}
+opts, i = {}, 0
+while args[i].startswith("-"):
+    if args[i] in valued:
+        opts[args[i]] = args[i + 1]
+        i += 2
+    else:
+        opts[args[i]] = True
+        i += 1
+command = args[i:]
+nodes = int(opts.get("--nodes", 1))
+ntasks = int(opts["--ntasks"]) if "--ntasks" in opts else nodes * int(opts.get("--ntasks-per-node", 1))
+per_node = -(-ntasks // nodes)
+procs = []
+for rank in range(ntasks):
+    env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank % per_node),
+               SLURM_NODEID=str(rank // per_node), SLURM_NNODES=str(nodes), SLURM_STEP_NODELIST="fakenode[0-1]",
+               SLURM_NTASKS_PER_NODE=str(per_node))
+    procs.append(subprocess.Popen(command, env=env))
+codes = [p.wait() for p in procs]
+sys.exit(max(codes))
+'''
+FAKE_SCONTROL = r'''
+import sys
+assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
+print("127.0.0.1")
+'''
+FAKE_SBATCH = r'''
+import sys
+sys.stderr.write("sbatch: a nested job from inside the allocation\n")
+sys.exit(1)
+'''
+
+
+@pytest.mark.e2e
+def test_slurm_launcher_end_to_end_with_fake_srun(tmp_path):
+    from tests.test_wmt_recipes import write_tool
+
+    bin_dir = str(tmp_path / "bin")
+    for name, source in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("sbatch", FAKE_SBATCH)):
+        write_tool(bin_dir, name, source)
+    log = tmp_path / "slurm.log"
+    work = tmp_path / "work"
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], FAKE_SLURM_LOG=str(log),
+               SLURM_JOB_ID=str(40000 + cli.free_port() % 10000), PYTHONPATH=REPO, OMP_NUM_THREADS="1",
+               TRAIN_LINES="300", VALID_LINES="40", TEST_LINES="50", VOCAB="300", TEACHER_UPDATES="8",
+               STUDENT_UPDATES="8", TEST_BEAM="2")
+    args = ["--pair", "en-ro", "--scale", "cpu", "--students", "seq_kd", "--work", work, "--launcher", "slurm",
+            "--nodes", "2", "--gpus-per-node", "1", "--set", "DECODE_CHUNK=60",
+            "--set", "SRUN_ARGS=--comment 'kd run'"]
+    proc = launch(args, env, tmp_path / "run.log")
+    rc, out = finish(proc, tmp_path / "run.log")
+    assert rc == 0, out[-4000:]
+    assert "| teacher |" in out and "| student seq_kd |" in out
+    steps = [json.loads(line) for line in read(log)]
+    trainings = [s for s in steps if "scripts/distributed_rank.py" in " ".join(s)]
+    assert len(trainings) == 2  # teacher and student, each one step of 2 tasks over 2 nodes
+    for s in trainings:
+        f = flags(s)
+        assert f.items() >= {"--nodes": "2", "--ntasks-per-node": "1", "--kill-on-bad-exit=1": True,
+                             "--comment": "kd run"}.items()
+    (decode,) = [s for s in steps if "fairseq_kd.decoding" in s]
+    assert flags(decode).items() >= {"--ntasks": "2", "--kill-on-bad-exit=1": True, "--chunk-size": "60",
+                                     "--wait": True}.items()
+    # the port of the job, both ranks in one world; 5 chunks decoded by the 2 tasks
+    port = 15000 + int(env["SLURM_JOB_ID"]) % 50000
+    assert f"distributed init (rank 1): tcp://127.0.0.1:{port}" in out and "training on 2 devices" in out
+    decode_dir = work / "seq_kd_decode"
+    assert sorted(f for f in os.listdir(decode_dir) if f.endswith(".jsonl")) == [
+        f"shard{i:03d}-of-005.jsonl" for i in range(5)]
+    assert len(read(decode_dir / "train_teacher.txt")) == 300
