@@ -127,9 +127,10 @@ def fake_nodes(tmp_path, *extra, node0_iterate=None, timeout=120):
     unlabeled.write_text("a source sentence\n")
     args = ["--pair", "en-de", "--scale", "full", "--students", "baseline seq_kd", "--work", tmp_path / "w",
             "--data-root", tmp_path / "corpora", "--rounds", "1", "--unlabeled", unlabeled, "--launcher", "torchrun",
-            "--nodes", "2", "--gpus-per-node", "2", "--master-addr", "node0", "--set", "DECODE_CHUNK=3",
-            "--set", "NODE_POLL=0.2", "--set", "NODE_HEARTBEAT=1", "--set", "NODE_TIMEOUT=60", *extra]
+            "--nodes", "2", "--gpus-per-node", "2", "--master-addr", "node0", *extra]
     fakes = [FakePython(tmp_path / f"fake{r}", gpus=2) for r in (0, 1)]
+    for fake in fakes:
+        fake.env.update(NODE_POLL="0.2", NODE_HEARTBEAT="1", NODE_TIMEOUT="60")
     if node0_iterate:
         fakes[0].env["ITERATE_SH"] = node0_iterate
     n = len(os.listdir(tmp_path))
@@ -144,6 +145,17 @@ def torchrun_calls(fake):
 
 def test_two_nodes_node1_only_joins_the_distributed_stages_and_exits_0(tmp_path):
     (rc0, out0, fake0), (rc1, out1, fake1) = fake_nodes(tmp_path)
+    assert rc0 == 0, out0[-3000:]
+    assert rc1 == 0, out1[-3000:]  # defect 1: node 1 does not look for the merged file only node 0 writes
+    # defect 2: the "always" stages (download, iterative rounds) ran on node 0 only
+    assert fake0.calls("fairseq_kd.wmt", "prepare") and not fake1.calls("fairseq_kd.wmt")
+    assert not fake1.calls("fairseq_kd.prepare") and len(fake0.iterate_calls()) == 1 and not fake1.iterate_calls()
+    assert fake0.calls("fairseq_kd.decoding", "merge") and not fake1.calls("fairseq_kd.decoding", "merge")
+    assert fake1.calls("fairseq_kd.decoding", "decode") and "node 1: node 0 is done" in out1
+
+
+def test_two_nodes_decode_every_chunk_and_rejoin_a_redone_stage(tmp_path):
+    (rc0, out0, fake0), (rc1, out1, fake1) = fake_nodes(tmp_path, "--set", "DECODE_CHUNK=3")
     assert rc0 == 0, out0[-3000:]
     assert rc1 == 0, out1[-3000:]
     # defect 2: the "always" stages (download, iterative rounds) ran on node 0 only
@@ -162,7 +174,8 @@ def test_two_nodes_node1_only_joins_the_distributed_stages_and_exits_0(tmp_path)
     assert "node 1: node 0 is done" in out1
 
     # defect 3: node 0 redoes the teacher after a settings change; node 1 joins it again (no hang)
-    (rc0, out0, fake0), (rc1, out1, fake1) = fake_nodes(tmp_path, "--set", "TEACHER_UPDATES=1000")
+    (rc0, out0, fake0), (rc1, out1, fake1) = fake_nodes(tmp_path, "--set", "DECODE_CHUNK=3",
+                                                        "--set", "TEACHER_UPDATES=1000")
     assert rc0 == 0 and rc1 == 0, out0[-2000:] + out1[-2000:]
     assert "teacher" in started(out0) and "student_baseline" not in started(out0)
     again = [torchrun_calls(f)[3:] for f in (fake0, fake1)]  # after the first run's 3 trainings
