@@ -576,7 +576,8 @@ else:
 FAKE_ITERATE = r'''
 import json, os
 keys = ["DATA", "UNLABELED", "SPM_MODEL", "TEACHER", "VALID_REF", "WORK", "SRC", "TGT", "ROUNDS",
-        "UPDATES_PER_ROUND", "ARCH_ARGS", "TRAIN_ARGS", "LABEL_BEAM", "VALID_BEAM", "ON_DEGENERATE", "CPU"]
+        "UPDATES_PER_ROUND", "ARCH_ARGS", "TRAIN_ARGS", "LABEL_BEAM", "VALID_BEAM", "ON_DEGENERATE", "CPU",
+        "LABEL_CHUNK", "LABEL_WORKERS", "LABEL_GPUS"]
 with open(os.environ["FAKE_ITERATE_LOG"], "a") as f:
     f.write(json.dumps({k: os.environ.get(k) for k in keys}) + "\n")
 '''
@@ -703,6 +704,8 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
     assert "--arch transformer " in it["ARCH_ARGS"] and "--lr 7e-4" in it["ARCH_ARGS"] and "\n" not in it["ARCH_ARGS"]
     assert "--fp16" in it["TRAIN_ARGS"] and "--update-freq 8" in it["TRAIN_ARGS"]
     assert "--ddp-backend legacy_ddp" in it["TRAIN_ARGS"]
+    # the labels: the teacher decoding's work queue, one worker per GPU (here one)
+    assert (it["LABEL_CHUNK"], it["LABEL_WORKERS"], it["LABEL_GPUS"]) == ("20000", "1", "0")
 
     # a re-run skips every stage; iterate.sh (its own per-round state) is called again to resume or add rounds
     n_calls = len(fake.calls())

@@ -279,6 +279,9 @@ iterate_train_args() {  # the training flags of the rounds: their own batches fo
 iterate() {  # iterative rounds on source-only text; iterate.sh keeps its own per-round state in WORK/iterate
     local unlabeled=${UNLABELED:-$DATA/raw/train.$SRC} spm=$DATA/spm.model valid_ref=$DATA/raw/valid.$TGT
     require_file "$TEACHER_CKPT" "the teacher stage did not finish"
+    # the labels: a work queue like the teacher decoding, one worker per GPU of node 0 (or DECODE_PARALLEL CPU ones)
+    local label_workers=$DECODE_PARALLEL label_gpus=''
+    if [[ ${device[*]} != --cpu ]]; then label_workers=$NPROC label_gpus=$(seq -s ' ' 0 $((NPROC - 1))); fi
     echo "$ROUNDS rounds on $unlabeled ($ITERATE_SH resumes from $WORK/iterate/state)"
     # the rounds train with fairseq's own multi-GPU spawn on every visible GPU: legacy_ddp, as tie_kd needs
     run env DATA="$BIN" UNLABELED="$unlabeled" SPM_MODEL="$spm" TEACHER="$TEACHER_CKPT" \
@@ -286,6 +289,7 @@ iterate() {  # iterative rounds on source-only text; iterate.sh keeps its own pe
         UPDATES_PER_ROUND="$STUDENT_UPDATES" ARCH_ARGS="${student_args[*]}" \
         TRAIN_ARGS="$(iterate_train_args) --ddp-backend legacy_ddp" \
         LABEL_BEAM="$TRAIN_BEAM" VALID_BEAM="$TEST_BEAM" ON_DEGENERATE="$ON_DEGENERATE" \
+        LABEL_CHUNK="$DECODE_CHUNK" LABEL_WORKERS="$label_workers" LABEL_GPUS="$label_gpus" \
         DECODE_ARGS="${decode_args[*]}" \
         CPU="$([[ ${device[*]} == --cpu ]] && echo 1 || echo 0)" PYTHON="$PYTHON" USER_DIR="$USER_DIR" \
         bash "$ITERATE_SH"
