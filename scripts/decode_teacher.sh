@@ -18,8 +18,14 @@
 #   PARALLEL [1]           CPU shards decoded at the same time on this machine
 #   GPUS []                GPU ids of this machine ("0 1 2 3"): one shard per GPU at a time, each with
 #                          CUDA_VISIBLE_DEVICES set (PARALLEL is then the number of GPUs)
-#   LAUNCH [local]         local | slurm (an `sbatch --wait --array` of one 1-GPU task per shard;
-#                          SBATCH_ARGS [] adds partition, time limit...)
+#   LAUNCH [local]         local | slurm (one `srun` step inside the allocation, see lib/shards.sh;
+#                          SRUN_ARGS [] more srun flags, SHARD_NODES, SHARD_CPUS, SHARD_GPU_TASKS)
+#   CHUNK_SIZE []          a work queue instead of NUM_SHARDS/SHARD_IDS: chunks of at most this many
+#                          sentences, claimed by WORKERS [PARALLEL, or the number of GPUS] processes here
+#                          (named WORKER_NAME.k; slurm: the tasks of the step) and by any other machine
+#                          sharing WORK; resumable per chunk, a silent claim taken over after
+#                          CLAIM_TIMEOUT [600] s.  WAIT_CHUNKS [1]: wait for the chunks of the others,
+#                          then merge (0: decode what is left and stop, like NO_MERGE)
 #   WAIT_SHARDS [0]        seconds to wait for shards decoded elsewhere (other nodes) before the
 #                          merge; 0: when a shard is missing, stop (exit 0) and merge on a later run
 #   NO_MERGE [0]           1: decode this machine's shards only (another machine merges)
@@ -55,9 +61,20 @@ SHARD_IDS=${SHARD_IDS:-$(seq 0 $((NUM_SHARDS - 1)))}
 # shellcheck source=lib/shards.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/shards.sh"
 read -r -a extra <<< "${DECODE_ARGS:-}"
-SHARD_LAUNCH=${LAUNCH:-local} SHARD_GPUS=${GPUS:-} SHARD_PARALLEL=$PARALLEL \
-    launch_shards "$NUM_SHARDS" "$SHARD_IDS" "$PYTHON" -m fairseq_kd.decoding decode --data "$DATA" \
-    --split "$SPLIT" --path "$TEACHER" --out-dir "$WORK" --beam "$BEAM" --nbest "$NBEST" "${extra[@]}"
+decode=("$PYTHON" -m fairseq_kd.decoding decode --data "$DATA" --split "$SPLIT" --path "$TEACHER" --out-dir "$WORK"
+    --beam "$BEAM" --nbest "$NBEST" "${extra[@]}")
+if [[ -n ${CHUNK_SIZE:-} ]]; then
+    read -r -a gpus <<< "${GPUS:-}"
+    workers=${WORKERS:-$(( ${#gpus[@]} > 0 ? ${#gpus[@]} : PARALLEL ))}
+    wait_flag=()
+    if [[ ${WAIT_CHUNKS:-1} == 1 ]]; then wait_flag=(--wait); else NO_MERGE=1; fi
+    SHARD_LAUNCH=${LAUNCH:-local} SHARD_GPUS=${GPUS:-} \
+        launch_workers "$workers" "${decode[@]}" --chunk-size "$CHUNK_SIZE" --claim-timeout "${CLAIM_TIMEOUT:-600}" \
+        "${wait_flag[@]}"
+else
+    SHARD_LAUNCH=${LAUNCH:-local} SHARD_GPUS=${GPUS:-} SHARD_PARALLEL=$PARALLEL \
+        launch_shards "$NUM_SHARDS" "$SHARD_IDS" "${decode[@]}"
+fi
 
 if [[ ${NO_MERGE:-0} == 1 ]]; then  # another node merges
     exit 0
@@ -67,7 +84,8 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '    %s\n' "$PYTHON -m fairseq_kd.decoding binarize --data $DATA --split $SPLIT --input $WORK/$NAME.txt --name $NAME"
     exit 0
 fi
-if ! wait_for_shards "$WORK/shard%03d-of-%03d.jsonl" "$NUM_SHARDS" "${WAIT_SHARDS:-0}"; then
+# (a queue's workers waited for every chunk; merge checks that each example has exactly one record)
+if [[ -z ${CHUNK_SIZE:-} ]] && ! wait_for_shards "$WORK/shard%03d-of-%03d.jsonl" "$NUM_SHARDS" "${WAIT_SHARDS:-0}"; then
     if [[ ${WAIT_SHARDS:-0} == 0 ]]; then
         echo "decode_teacher.sh: not every shard of $NUM_SHARDS is complete yet; merge when every shard is done" >&2
         exit 0

@@ -54,6 +54,9 @@ CHECKPOINT=${CHECKPOINT:-checkpoint_last.pt}  # which checkpoint of a round is i
 # ---- decoding --------------------------------------------------------------------
 LABEL_BEAM=${LABEL_BEAM:-5}
 LABEL_SHARDS=${LABEL_SHARDS:-1}
+LABEL_CHUNK=${LABEL_CHUNK:-}         # labels as a work queue of chunks of this many sentences (empty: LABEL_SHARDS)
+LABEL_WORKERS=${LABEL_WORKERS:-1}    # with LABEL_CHUNK: processes claiming chunks (one per GPU of LABEL_GPUS)
+LABEL_GPUS=${LABEL_GPUS:-}           # GPU ids of this machine for the label workers ("0 1 2 3")
 ON_DEGENERATE=${ON_DEGENERATE:-drop}  # degenerate labels: drop (left out of training) | keep
 VALID_BEAM=${VALID_BEAM:-5}
 DECODE_ARGS=${DECODE_ARGS:---max-len-a 1.2 --max-len-b 10}  # labels and valid decoding
@@ -65,6 +68,9 @@ PYTHON=${PYTHON:-python}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 USER_DIR=${USER_DIR:-$REPO/user_dir}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# shellcheck source=lib/shards.sh
+source "$REPO/scripts/lib/shards.sh"
 
 log() { echo "[iterate.sh $(date '+%H:%M:%S')] $*" >&2; }
 die() { echo "iterate.sh: error: $*" >&2; exit 1; }
@@ -110,7 +116,7 @@ N_VALID=$(wc -l < "$VALID_REF")
 
 # ---- settings and state ------------------------------------------------------------
 SETTINGS=(DATA UNLABELED SPM_MODEL TEACHER VALID_REF SRC TGT UPDATES_PER_ROUND INIT PREFIX_SOURCE LABELER
-          CRITERION CRITERION_ARGS TASK_ARGS ARCH_ARGS TRAIN_ARGS CHECKPOINT LABEL_BEAM LABEL_SHARDS
+          CRITERION CRITERION_ARGS TASK_ARGS ARCH_ARGS TRAIN_ARGS CHECKPOINT LABEL_BEAM LABEL_SHARDS LABEL_CHUNK
           ON_DEGENERATE VALID_BEAM DECODE_ARGS REMOVE_BPE)
 settings() { local v; for v in "${SETTINGS[@]}"; do printf '%s=%s\n' "$v" "${!v}"; done; }
 mkdir -p "$WORK"
@@ -184,9 +190,15 @@ label_round() {
         return 0
     fi
     n=$(wc -l < "$WORK/data/unlabeled.spm.$SRC")
-    "$PYTHON" -m fairseq_kd.decoding decode --data "$WORK/data" --split unlabeled -s "$SRC" -t "$TGT" \
-        --path "$(labeler_of_round "$r")" --out-dir "$dir/label_shards" --num-shards "$LABEL_SHARDS" \
-        --beam "$LABEL_BEAM" "${decode_args[@]}" --max-tokens "$DECODE_MAX_TOKENS" "${cpu[@]}"
+    local label=("$PYTHON" -m fairseq_kd.decoding decode --data "$WORK/data" --split unlabeled -s "$SRC" -t "$TGT"
+        --path "$(labeler_of_round "$r")" --out-dir "$dir/label_shards"
+        --beam "$LABEL_BEAM" "${decode_args[@]}" --max-tokens "$DECODE_MAX_TOKENS" "${cpu[@]}")
+    if [[ -n $LABEL_CHUNK ]]; then  # the teacher decoding's work queue (lib/shards.sh), waited for
+        SHARD_GPUS=$LABEL_GPUS WORKER_NAME=label launch_workers "$LABEL_WORKERS" "${label[@]}" \
+            --chunk-size "$LABEL_CHUNK" --wait || die "a label worker failed (see above); re-run to resume"
+    else
+        "${label[@]}" --num-shards "$LABEL_SHARDS"
+    fi
     "$PYTHON" -m fairseq_kd.decoding merge --out-dir "$dir/label_shards" --output "$dir/labels.$TGT" \
         --on-degenerate "$ON_DEGENERATE"
     assert_lines "$dir/labels.$TGT" "$n"

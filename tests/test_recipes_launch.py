@@ -1,7 +1,7 @@
 """examples/wmt14/run.sh where its users run it: launchers, GPU counts, dry runs, stage fingerprints.
 
 * ``--dry-run`` of ``--pair en-de --scale full`` on 2 nodes x 8 GPUs under torchrun and under SLURM:
-  the training commands (ranks, world size, tokens per update) and one decode shard per GPU.
+  the training commands (ranks, world size, tokens per update) and the teacher decoding's work queue.
 * The CPU path of ``--launcher spawn`` really trains with 2 data-parallel processes (gloo).
 * A changed setting redoes exactly the stages downstream of it; ``--redo STAGE`` too.
 """
@@ -35,8 +35,9 @@ def argv_of(line):
     return words
 
 
-def dry_run(tmp_path, *extra, gpus=0):
+def dry_run(tmp_path, *extra, gpus=0, env=None):
     fake = FakePython(tmp_path / "fake", gpus=gpus)
+    fake.env.update(env or {})
     args = ["--pair", "en-de", "--scale", "full", "--students", "baseline seq_kd tie_kd", "--work", tmp_path / "w",
             "--data-root", tmp_path / "corpora", "--dry-run", *extra]
     proc = run_recipe(WMT_RUN, args, fake.env)
@@ -61,39 +62,53 @@ def test_dry_run_torchrun_two_nodes_of_eight_gpus(tmp_path):
         assert "--update-freq" not in f and "--cpu" not in f
         assert argv[argv.index("-m", 3) + 1] == "fairseq_cli.train"
     assert flags(argv_of(stage_commands(out, "student_tie_kd")[0]))["--ddp-backend"] == "legacy_ddp"
-    # the teacher decoding: this node's 8 shards of 16, one per GPU; node 1 decodes the other 8
+    # the teacher decoding: a work queue, one worker per GPU of this node, waiting for every chunk (node 0 merges)
     decode = [c for c in stage_commands(out, "decode_train_with_teacher") if "decoding decode" in c]
     assert [c.split()[0] for c in decode] == [f"CUDA_VISIBLE_DEVICES={g}" for g in range(8)]
-    assert [flags(argv_of(c))["--shard-id"] for c in decode] == [str(i) for i in range(8)]
-    assert all(flags(argv_of(c))["--num-shards"] == "16" for c in decode)
-    assert all("--max-len-a" not in c and "--teacher-precision" not in c for c in decode)
+    assert [flags(argv_of(c))["--worker-id"] for c in decode] == [f"node0.{g}" for g in range(8)]
+    assert all(flags(argv_of(c)).items() >= {"--chunk-size": "20000", "--wait": True}.items() for c in decode)
+    assert all("--shard-id" not in c and "--max-len-a" not in c and "--teacher-precision" not in c for c in decode)
 
-    # node 1: the same command lines with its rank, and shards 8..15
+    # node 1: the same command lines with its rank; its workers decode chunks and leave the merge to node 0
     out1 = dry_run(tmp_path / "n1", "--launcher", "torchrun", "--nodes", "2", "--gpus-per-node", "8",
                    "--master-addr", "node0", "--node-rank", "1")
-    assert re.search(r"^== stage \d+/\d+ teacher \(started .*with node 0\)", out1, flags=re.M)
-    assert "--node_rank 1" in out1 and "--shard-id 15" in out1 and "--shard-id 7 " not in out1 + " "
+    assert re.search(r"^== stage \d+/\d+ teacher \(would run with node 0", out1, flags=re.M)
+    assert re.search(r"^== stage \d+/\d+ prepare: node 0 runs it$", out1, flags=re.M)
+    assert "--node_rank 1" in out1 and "--worker-id node1.7" in out1 and "decoding merge" not in out1
+    decode1 = [line.strip() for line in out1.splitlines() if "decoding decode" in line]
+    assert len(decode1) == 8 and not any("--wait" in c for c in decode1)
 
 
 def test_dry_run_slurm_two_nodes_of_eight_gpus(tmp_path):
     out = dry_run(tmp_path, "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "8",
-                  "--set", "SBATCH_ARGS=--partition gpu")
+                  "--set", "SRUN_ARGS=--partition gpu --comment 'kd run'", env={"SLURM_JOB_ID": "1234"})
     (line,) = stage_commands(out, "teacher")
     argv = argv_of(line)
-    assert argv[:7] == ["srun", "--nodes", "2", "--ntasks-per-node", "8", "--gpus-per-node", "8"]
+    assert argv[:9] == ["srun", "--nodes", "2", "--ntasks-per-node", "8", "--cpus-per-task", "4",
+                        "--kill-on-bad-exit=1", "--partition"]
+    assert argv[9:14] == ["gpu", "--comment", "kd run", "--gpus-per-node", "8"]
     f = flags(argv)
-    assert argv[7].endswith("python") and argv[8:10] == ["-m", "fairseq_cli.train"]
-    assert f["--distributed-world-size"] == "16" and f["--distributed-port"] == "29500" and f["--max-tokens"] == "2048"
-    decode = [c for c in stage_commands(out, "decode_train_with_teacher") if "sbatch" in c]
-    assert len(decode) == 1  # one array of 16 one-GPU tasks, waited for
-    argv = shlex.split(decode[0])
-    assert argv[:6] == ["sbatch", "--wait", "--array=0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "--ntasks", "1",
-                        "--gpus-per-task"]
-    wrapped = argv[argv.index("--wrap") + 1]
-    assert "--num-shards 16 --shard-id $SLURM_ARRAY_TASK_ID" in wrapped and "fairseq_kd.decoding decode" in wrapped
-    assert "--partition" in argv and "gpu" in argv
+    assert argv[14].endswith("python") and argv[15:17] == ["-m", "fairseq_cli.train"]
+    # the port comes from the job id: two jobs on one node do not collide
+    assert f["--distributed-world-size"] == "16" and f["--distributed-port"] == "16234" and f["--max-tokens"] == "2048"
+    # the teacher decoding: one srun step inside the allocation (no nested sbatch), one GPU per task
+    assert "sbatch" not in out
+    (decode,) = [c for c in stage_commands(out, "decode_train_with_teacher") if "decoding decode" in c]
+    argv = shlex.split(decode)
+    assert argv[:12] == ["srun", "--nodes", "2", "--ntasks", "16", "--cpus-per-task", "4", "--kill-on-bad-exit=1",
+                         "--gpus-per-task", "1", "--partition", "gpu"]
+    assert flags(argv).items() >= {"--chunk-size": "20000", "--wait": True, "--claim-timeout": "600"}.items()
+    assert "--worker-id" not in argv  # each task's worker id is its SLURM_PROCID
     merge = [c for c in stage_commands(out, "decode_train_with_teacher") if "decoding merge" in c]
     assert len(merge) == 1
+
+
+def test_slurm_srun_args_with_an_unmatched_quote_is_one_line(tmp_path):
+    fake = FakePython(tmp_path / "fake", gpus=0)
+    proc = run_recipe(WMT_RUN, ["--pair", "en-de", "--scale", "full", "--work", tmp_path / "w", "--launcher", "slurm",
+                                "--dry-run", "--set", "SRUN_ARGS=--comment 'kd run"], fake.env)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "run.sh: error: SRUN_ARGS: quote its values as in a shell, got: --comment 'kd run"], proc.stderr
 
 
 def test_tokens_per_update_with_three_gpus_is_rounded_and_said(tmp_path):

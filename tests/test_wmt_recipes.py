@@ -524,15 +524,36 @@ elif module == "fairseq_kd.prepare":
             write(f"{out}/raw/{split}.{lang}", [f"{split} {i}" for i in range(n)])
     write(f"{out}/spm.model", ["model"])
     write(f"{out}/bin/preprocess.log", ["done"])
-elif module == "fairseq_cli.train":
+elif module in ("fairseq_cli.train", "torch.distributed.run"):
     for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
         write(os.path.join(opt("--save-dir"), name), ["weights"])
+elif module == "fairseq_kd.decoding" and args[0] == "decode" and "--chunk-size" in args:  # the work queue
+    total = count(os.path.join(os.path.dirname(opt("--data")), "raw", "train.en"))
+    size = int(opt("--chunk-size"))
+    n = max(1, -(-total // size))
+    write(os.path.join(opt("--out-dir"), "manifest.json"), ['{"num_shards": %d}' % n])
+    for i in range(n):
+        final = os.path.join(opt("--out-dir"), f"shard{i:03d}-of-{n:03d}.jsonl")
+        try:
+            os.close(os.open(final + ".lock", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        if not os.path.exists(final):
+            write(final + ".tmp", [str(len(range(i * size, min(total, (i + 1) * size))))])
+            os.replace(final + ".tmp", final)
+            with open(os.environ["FAKE_PYTHON_LOG"], "a") as f:
+                f.write(json.dumps({"argv": ["chunk", str(i), opt("--worker-id")], "omp": None}) + "\n")
+        os.remove(final + ".lock")
+    while "--wait" in args and not all(os.path.exists(os.path.join(opt("--out-dir"), f"shard{i:03d}-of-{n:03d}.jsonl"))
+                                       for i in range(n)):
+        import time; time.sleep(0.05)
 elif module == "fairseq_kd.decoding" and args[0] == "decode":
     n, i = int(opt("--num-shards")), int(opt("--shard-id"))
     total = count(os.path.join(os.path.dirname(opt("--data")), "raw", "train.en"))
     write(os.path.join(opt("--out-dir"), f"shard{i:03d}-of-{n:03d}.jsonl"), [str(len(range(i, total, n)))])
 elif module == "fairseq_kd.decoding" and args[0] == "merge":
-    shards = [os.path.join(opt("--out-dir"), s) for s in os.listdir(opt("--out-dir")) if s.startswith("shard")]
+    shards = [os.path.join(opt("--out-dir"), s) for s in os.listdir(opt("--out-dir"))
+              if s.startswith("shard") and s.endswith(".jsonl")]
     write(opt("--output"), ["teacher output"] * sum(int(open(s).read()) for s in shards))
 elif module == "fairseq_kd.decoding" and args[0] == "binarize":
     pass
@@ -554,7 +575,8 @@ else:
 FAKE_ITERATE = r'''
 import json, os
 keys = ["DATA", "UNLABELED", "SPM_MODEL", "TEACHER", "VALID_REF", "WORK", "SRC", "TGT", "ROUNDS",
-        "UPDATES_PER_ROUND", "ARCH_ARGS", "TRAIN_ARGS", "LABEL_BEAM", "VALID_BEAM", "ON_DEGENERATE", "CPU"]
+        "UPDATES_PER_ROUND", "ARCH_ARGS", "TRAIN_ARGS", "LABEL_BEAM", "VALID_BEAM", "ON_DEGENERATE", "CPU",
+        "LABEL_CHUNK", "LABEL_WORKERS", "LABEL_GPUS"]
 with open(os.environ["FAKE_ITERATE_LOG"], "a") as f:
     f.write(json.dumps({k: os.environ.get(k) for k in keys}) + "\n")
 '''
@@ -655,10 +677,13 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
     assert train_flags(fake, "student_seq_kd")["--teacher-target-subset"] == "train_teacher"
 
     decodes = [flags(c["argv"]) for c in fake.calls("fairseq_kd.decoding", "decode")]
-    # one shard per GPU (here one), fp32 teacher, fairseq's default length cap
-    assert sorted(int(d["--shard-id"]) for d in decodes) == [0]
-    assert all(d["--beam"] == "5" and d["--num-shards"] == "1" and "--teacher-precision" not in d
+    # a work queue of 20k-sentence chunks, one worker per GPU (here one) waiting for every chunk; fp32 teacher,
+    # fairseq's default length cap; degenerate translations dropped at full scale
+    assert [(d["--chunk-size"], d["--worker-id"], d["--wait"]) for d in decodes] == [("20000", "node0.0", True)]
+    assert all(d["--beam"] == "5" and "--shard-id" not in d and "--teacher-precision" not in d
                and "--max-len-a" not in d and "--max-len-b" not in d for d in decodes)
+    (merge,) = fake.calls("fairseq_kd.decoding", "merge")
+    assert flags(merge["argv"])["--on-degenerate"] == "drop"
     averages = [flags(c["argv"]) for c in fake.calls("fairseq_kd.wmt", "average")]
     assert [(a["--dir"], a["--last"], a["--upper-bound"]) for a in averages] == [
         (str(work / f"student_{s}"), "5", "200000") for s in ("baseline", "seq_kd", "tie_kd")]
@@ -678,6 +703,8 @@ def test_wmt_run_full_scale_wires_the_paper_settings(tmp_path):
     assert "--arch transformer " in it["ARCH_ARGS"] and "--lr 7e-4" in it["ARCH_ARGS"] and "\n" not in it["ARCH_ARGS"]
     assert "--fp16" in it["TRAIN_ARGS"] and "--update-freq 8" in it["TRAIN_ARGS"]
     assert "--ddp-backend legacy_ddp" in it["TRAIN_ARGS"]
+    # the labels: the teacher decoding's work queue, one worker per GPU (here one)
+    assert (it["LABEL_CHUNK"], it["LABEL_WORKERS"], it["LABEL_GPUS"]) == ("20000", "1", "0")
 
     # a re-run skips every stage; iterate.sh (its own per-round state) is called again to resume or add rounds
     n_calls = len(fake.calls())

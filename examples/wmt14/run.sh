@@ -27,8 +27,11 @@
 # overridden by  --set NAME=VALUE  (repeatable; any variable of the preset or of the lists below).
 # --teacher-args "..." --student-args "..." --decode-args "..."   extra fairseq flags of one stage
 # --launcher single|spawn|torchrun|slurm  --nodes N  --gpus-per-node G   (G: CPU processes on CPU)
-#               --node-rank R --master-addr HOST --master-port PORT (torchrun: run.sh on every node)
-#               tokens per update stay at the paper's 32k for any GPU count (update-freq computed, printed)
+#               --node-rank R --master-addr HOST --master-port PORT (torchrun: run.sh on every node, one
+#               shared --work; node 0 drives, the others join its trainings and decoding: README "Across
+#               nodes"; slurm: the port defaults to one derived from SLURM_JOB_ID)
+#               tokens per update stay at the paper's 32k for any GPU count (update-freq computed, printed);
+#               single is one process on one GPU
 # --segmentation spm|bpe   joint SentencePiece (default) or Moses + joint BPE (fairseq's published models)
 # --teacher-dir DIR  a downloaded fairseq model folder (model.pt, dict.*.txt, bpecodes) is the teacher
 # --teacher-cache    build the offline teacher cache and let the KD students read it
@@ -38,6 +41,8 @@
 #
 # Environment overrides (quick tries, tests): TRAIN_LINES VALID_LINES TEST_LINES VOCAB TEACHER_UPDATES
 # STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS; PYTHON [python]; ITERATE_SH [scripts/iterate.sh].
+# --set only: DECODE_CHUNK (teacher-decoding queue chunk) CLAIM_TIMEOUT ON_DEGENERATE SRUN_ARGS TRAIN_CPUS
+# DECODE_CPUS NODE_TIMEOUT NODE_HEARTBEAT NODE_POLL (scripts/lib/pipeline.sh, scripts/lib/nodes.sh).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -51,7 +56,7 @@ ROUNDS=0
 UNLABELED=
 SETS=()
 TEACHER_EXTRA='' STUDENT_EXTRA='' DECODE_EXTRA=''
-LAUNCHER='' NODES=1 NPROC='' NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-29500}
+LAUNCHER='' NODES=1 NPROC='' NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-}
 SEGMENTATION='' TEACHER_DIR='' TEACHER_CACHE=0 COMET_MODEL='' TEACHER_PRECISION=fp32 ALLOW_CPU=0 DRY_RUN=0
 REDO=''  # read by scripts/lib/stages.sh
 PYTHON=${PYTHON:-python}
@@ -63,7 +68,7 @@ abspath() { if [[ -z $1 || $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi;
 
 while [ $# -gt 0 ]; do
     case $1 in
-        -h | --help) sed -n '2,39p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,44p' "$0"; exit 0 ;;
         --allow-cpu) ALLOW_CPU=1; shift; continue ;;
         --dry-run) DRY_RUN=1; shift; continue ;;
         --teacher-cache) TEACHER_CACHE=1; shift; continue ;;
@@ -139,8 +144,8 @@ PRESET=$REPO/examples/wmt14/presets/$PAIR.sh
 source "$PRESET"
 for assignment in "${SETS[@]}"; do  # --set NAME=VALUE: the preset's variables (and the recipe's below)
     name=${assignment%%=*}
-    [[ -v $name ]] || [[ " TRAIN_LINES VALID_LINES TEST_LINES VOCAB TEACHER_UPDATES STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS LENPEN TEST_BATCH FP16 TOKENS_PER_UPDATE MAX_TOKENS TEST_DECODE_ARGS DECODE_ARGS STUDENT_AVERAGE SBATCH_ARGS CACHE_ARGS " == *" $name "* ]] \
-        || die "--set $name: unknown setting (see $PRESET and --help)"
+    [[ -v $name ]] || [[ " TRAIN_LINES VALID_LINES TEST_LINES VOCAB TEACHER_UPDATES STUDENT_UPDATES TRAIN_BEAM TEST_BEAM DECODE_SHARDS DECODE_CHUNK CLAIM_TIMEOUT ON_DEGENERATE LENPEN TEST_BATCH FP16 TOKENS_PER_UPDATE MAX_TOKENS TEST_DECODE_ARGS DECODE_ARGS STUDENT_AVERAGE SRUN_ARGS TRAIN_CPUS DECODE_CPUS NODE_TIMEOUT NODE_HEARTBEAT NODE_POLL CACHE_ARGS " == *" $name "* ]] \
+        || die "--set $name: unknown setting (see $PRESET and --help)$([[ $name != SBATCH_ARGS ]] || echo "; under SLURM every step is an srun inside the allocation: --set SRUN_ARGS=...")"
     export "${assignment?}"
     case $name in TEACHER_DROPOUT | STUDENT_DROPOUT | PATIENCE | BPE_MERGES | VALIDATE_UPDATES | CPU_* | FULL_*)
         printf -v "$name" '%s' "${assignment#*=}" ;; esac
@@ -155,6 +160,7 @@ if [[ $SCALE == cpu ]]; then
     : "${TRAIN_LINES=$CPU_TRAIN_LINES}" "${VALID_LINES=$CPU_VALID_LINES}"
     : "${TEST_LINES=}" "${VOCAB:=4000}" "${TEACHER_UPDATES:=600}" "${STUDENT_UPDATES:=300}"
     : "${TRAIN_BEAM:=1}" "${TEST_BEAM:=4}" "${DECODE_SHARDS:=2}" "${MAX_TOKENS:=4096}" "${TOKENS_PER_UPDATE:=}"
+    : "${DECODE_CHUNK:=5000}"
     WORKERS=1
     TRAIN_ARGS="--share-all-embeddings --optimizer adam --adam-betas (0.9,0.98)
         --lr-scheduler inverse_sqrt --warmup-updates 100 --warmup-init-lr 1e-07 --clip-norm 1.0
@@ -170,7 +176,7 @@ if [[ $SCALE == cpu ]]; then
     DECODE_PARALLEL=2; : "${DECODE_ARGS=--max-len-a 1.2 --max-len-b 10}"
     : "${TEST_DECODE_ARGS=--max-len-a 1.2 --max-len-b 10}"
     : "${LENPEN:=1}" "${TEST_BATCH:=128}" "${FP16:=0}"
-    ON_DEGENERATE=keep  # iterative rounds: such tiny students loop, "drop" would leave most labels out
+    : "${ON_DEGENERATE:=keep}"  # such tiny models loop: "drop" would leave most sentences out
     NPROC=${NPROC:-1}
 else
     DATA_ROOT=${DATA_ROOT:-$REPO/work/corpora}
@@ -180,6 +186,7 @@ else
     : "${TEACHER_UPDATES:=$FULL_TEACHER_UPDATES}" "${STUDENT_UPDATES:=$FULL_STUDENT_UPDATES}"
     : "${TRAIN_BEAM:=5}" "${TEST_BEAM:=4}" "${MAX_TOKENS:=4096}" "${TOKENS_PER_UPDATE:=32768}"
     WORKERS=$(nproc 2>/dev/null || echo 4)
+    [[ $LAUNCHER != single ]] || NPROC=${NPROC:-1}  # one process on one GPU, whatever the node has
     if [[ $LAUNCHER == slurm || $DRY_RUN == 1 ]]; then
         NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}  # the GPUs are where srun runs (or nowhere: a dry run)
         (( GPUS > 0 )) || [[ $LAUNCHER == slurm ]] || echo "note: no GPU on this machine; the dry run shows the GPU commands"
@@ -191,7 +198,8 @@ else
         NPROC=${NPROC:-$GPUS}
         (( NPROC <= GPUS || NODES > 1 )) || die "--gpus-per-node $NPROC but torch sees $GPUS GPUs here"
     fi
-    : "${DECODE_SHARDS:=$(( NODES * NPROC ))}"  # one teacher-decoding shard per GPU
+    : "${DECODE_SHARDS:=$(( NODES * NPROC ))}"  # one teacher-cache shard per GPU
+    : "${DECODE_CHUNK:=20000}"  # teacher decoding: a work queue of chunks of 20k sentences
     VALIDATE=
     [[ -z ${VALIDATE_UPDATES:-} ]] || VALIDATE="--validate-interval-updates $VALIDATE_UPDATES"
     TRAIN_ARGS="--share-all-embeddings --optimizer adam --adam-betas (0.9,0.98)
@@ -208,16 +216,30 @@ else
     STUDENT_AVERAGE=${STUDENT_AVERAGE:-5}; AVERAGE_UPPER_BOUND=$STUDENT_UPDATES
     DECODE_PARALLEL=1; : "${DECODE_ARGS=--max-tokens 8000}"  # fairseq's length cap (0 x source + 200)
     : "${TEST_DECODE_ARGS=}" "${LENPEN:=0.6}" "${TEST_BATCH:=128}" "${FP16:=1}"
-    ON_DEGENERATE=drop
+    : "${ON_DEGENERATE:=drop}"  # degenerate teacher translations left out of training (counted in the report)
+fi
+if [[ -z $MASTER_PORT ]]; then  # under SLURM a port of the job (two jobs on one node do not collide)
+    MASTER_PORT=29500
+    [[ $LAUNCHER != slurm || -z ${SLURM_JOB_ID:-} ]] || MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 50000 ))
 fi
 LAUNCHER=${LAUNCHER:-$( (( NPROC > 1 )) && echo spawn || echo single)}
 [[ $LAUNCHER != single || $NPROC == 1 ]] || die "--gpus-per-node $NPROC needs --launcher spawn, torchrun or slurm"
-UPDATE_FREQ=1
+batches() {  # batches LABEL WORLD: UF and MT for the paper's tokens per update on WORLD GPUs, printed
+    local world=$2
+    UF=$(( (TOKENS_PER_UPDATE + world * MAX_TOKENS - 1) / (world * MAX_TOKENS) ))
+    MT=$(( TOKENS_PER_UPDATE / (world * UF) ))
+    echo "$1: $world GPUs x $MT tokens x update-freq $UF = $(( world * MT * UF )) (paper: $TOKENS_PER_UPDATE$( (( world * MT * UF == TOKENS_PER_UPDATE )) || echo ", rounded"))"
+}
+UPDATE_FREQ=1 ITERATE_BATCH=''
 if [[ -n $TOKENS_PER_UPDATE ]]; then  # the paper's tokens per update on any number of GPUs
-    world=$(( NODES * NPROC ))
-    UPDATE_FREQ=$(( (TOKENS_PER_UPDATE + world * MAX_TOKENS - 1) / (world * MAX_TOKENS) ))
-    MAX_TOKENS=$(( TOKENS_PER_UPDATE / (world * UPDATE_FREQ) ))
-    echo "tokens per update: $world GPUs x $MAX_TOKENS tokens x update-freq $UPDATE_FREQ = $(( world * MAX_TOKENS * UPDATE_FREQ )) (paper: $TOKENS_PER_UPDATE$( (( world * MAX_TOKENS * UPDATE_FREQ == TOKENS_PER_UPDATE )) || echo ", rounded"))"
+    max_tokens=$MAX_TOKENS
+    if (( ROUNDS > 0 )); then  # the rounds run on node 0 with fairseq's own spawn over its GPUs (one with single)
+        batches "tokens per update of the iterative rounds" "$([[ $LAUNCHER == single ]] && echo 1 || echo "$NPROC")"
+        ITERATE_BATCH="--max-tokens $MT --update-freq $UF --distributed-world-size $([[ $LAUNCHER == single ]] && echo 1 || echo "$NPROC")"
+    fi
+    MAX_TOKENS=$max_tokens
+    batches "tokens per update" $(( NODES * NPROC ))
+    UPDATE_FREQ=$UF MAX_TOKENS=$MT
 fi
 TRAIN_ARGS="$TRAIN_ARGS --max-tokens $MAX_TOKENS"
 STUDENTS=${STUDENTS:-baseline word_kd seq_kd tie_kd self_evolution_kd hybrid_gated_kd}
@@ -243,16 +265,31 @@ prepare_wmt() {  # no stage marker: prepare-wmt.sh skips its own finished steps,
         ${CHECKSUMS:+--checksums "$CHECKSUMS"}
 }
 
+iterate_train_args() {  # the training flags of the rounds: their own batches for the GPUs they run on
+    local i out=()
+    for ((i = 0; i < ${#train_args[@]}; i++)); do
+        case ${train_args[i]} in
+            --max-tokens | --update-freq) [[ -z $ITERATE_BATCH ]] || { i=$((i + 1)); continue; } ;;
+        esac
+        out+=("${train_args[i]}")
+    done
+    echo "${out[*]} $ITERATE_BATCH"
+}
+
 iterate() {  # iterative rounds on source-only text; iterate.sh keeps its own per-round state in WORK/iterate
     local unlabeled=${UNLABELED:-$DATA/raw/train.$SRC} spm=$DATA/spm.model valid_ref=$DATA/raw/valid.$TGT
     require_file "$TEACHER_CKPT" "the teacher stage did not finish"
+    # the labels: a work queue like the teacher decoding, one worker per GPU of node 0 (or DECODE_PARALLEL CPU ones)
+    local label_workers=$DECODE_PARALLEL label_gpus=''
+    if [[ ${device[*]} != --cpu ]]; then label_workers=$NPROC label_gpus=$(seq -s ' ' 0 $((NPROC - 1))); fi
     echo "$ROUNDS rounds on $unlabeled ($ITERATE_SH resumes from $WORK/iterate/state)"
     # the rounds train with fairseq's own multi-GPU spawn on every visible GPU: legacy_ddp, as tie_kd needs
     run env DATA="$BIN" UNLABELED="$unlabeled" SPM_MODEL="$spm" TEACHER="$TEACHER_CKPT" \
         VALID_REF="$valid_ref" WORK="$WORK/iterate" SRC="$SRC" TGT="$TGT" ROUNDS="$ROUNDS" \
         UPDATES_PER_ROUND="$STUDENT_UPDATES" ARCH_ARGS="${student_args[*]}" \
-        TRAIN_ARGS="${train_args[*]} --ddp-backend legacy_ddp" \
+        TRAIN_ARGS="$(iterate_train_args) --ddp-backend legacy_ddp" \
         LABEL_BEAM="$TRAIN_BEAM" VALID_BEAM="$TEST_BEAM" ON_DEGENERATE="$ON_DEGENERATE" \
+        LABEL_CHUNK="$DECODE_CHUNK" LABEL_WORKERS="$label_workers" LABEL_GPUS="$label_gpus" \
         DECODE_ARGS="${decode_args[*]}" \
         CPU="$([[ ${device[*]} == --cpu ]] && echo 1 || echo 0)" PYTHON="$PYTHON" USER_DIR="$USER_DIR" \
         bash "$ITERATE_SH"

@@ -83,6 +83,8 @@ def decode(args, backend: Optional[str] = None) -> List[int]:
     settings = generation_settings(args)
     if backend != "fairseq":  # recorded in the manifest: shards of different backends are not mixed
         settings.update(backend=backend, **options)
+    if backend == "ctranslate2" and getattr(args, "ct2_dir", None):
+        options["cache_dir"] = args.ct2_dir  # where the conversion is cached is not a decode setting
     if args.chunk_size is not None:
         if args.shard_id is not None:
             raise DistillationError("--chunk-size (a work queue) and --shard-id exclude each other")
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--ct2-compute-type", default="default",
                      choices=["default", "float32", "int8", "float16", "int8_float16", "auto"],
                      help="CTranslate2 arithmetic (default: float16 on a GPU, float32 on the CPU)")
+    dec.add_argument("--ct2-dir", help="folder of the CTranslate2 conversion (default: next to the checkpoint; "
+                     "e.g. the work folder when the checkpoint's is read-only); converted once, under a lock")
     dec.add_argument("--out-dir", required=True, help="directory of the shard files and manifest")
     add_shard_arguments(dec, "decode only this shard (default: every shard in turn)")
     dec.add_argument("--chunk-size", type=int,

@@ -6,7 +6,9 @@ dictionaries checked against ``--data``), converted once by CTranslate2's
 fairseq converter, and cached next to the checkpoint as
 ``CHECKPOINT.ct2-SHA16/`` (the first 16 hex digits of the checkpoint's
 sha256; the full digest is recorded in ``fairseq_kd_source.json`` inside and
-checked on reuse).  The conversion is written to a temporary directory and
+checked on reuse), or in ``decode --ct2-dir`` (e.g. the work folder, when the
+checkpoint's is read-only).  One process converts, holding ``DIR.lock``; the
+others wait for it and reuse the result.  The conversion is written to a temporary directory and
 renamed when complete, so an interrupted conversion is never reused, and a
 checkpoint that changed gets a new directory (the stale one is not read).
 
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Dict, Optional, Tuple
 
 from fairseq_kd.decoding.backend import TranslationBackend, register_backend
@@ -40,8 +43,10 @@ COMPUTE_TYPES = ("default", "float32", "int8", "float16", "int8_float16", "auto"
 SOURCE_RECORD = "fairseq_kd_source.json"
 
 
-def converted_dir(checkpoint: str, sha256: str) -> str:
-    """Where the conversion of ``checkpoint`` with digest ``sha256`` is cached."""
+def converted_dir(checkpoint: str, sha256: str, cache_dir: Optional[str] = None) -> str:
+    """Where the conversion of ``checkpoint`` with digest ``sha256`` is cached: next to it, or in ``cache_dir``."""
+    if cache_dir:
+        return os.path.join(os.path.abspath(cache_dir), f"{os.path.basename(checkpoint)}.ct2-{sha256[:16]}")
     return f"{os.path.abspath(checkpoint)}.ct2-{sha256[:16]}"
 
 
@@ -86,15 +91,31 @@ def convert_model(model, model_cfg, task, out_dir: str, quantization: Optional[s
         _converter(model, model_cfg, task).convert(out_dir, quantization=quantization, force=True)
 
 
-def convert_teacher(checkpoint: str, task, teacher_data_dir: Optional[str] = None) -> Tuple[str, Dict]:
+def convert_teacher(checkpoint: str, task, teacher_data_dir: Optional[str] = None,
+                    cache_dir: Optional[str] = None, poll: float = 2.0) -> Tuple[str, Dict]:
     """The CTranslate2 model directory of ``checkpoint`` and its source record
     (sha256, dictionaries, max positions), converting the checkpoint unless a
-    conversion of the same file (same sha256) is cached next to it."""
+    conversion of the same file (same sha256) is cached next to it (or in
+    ``cache_dir``).  One process converts, holding ``DIR.lock``; the others
+    wait for it (a dead holder's lock is taken over, as a decode chunk's)."""
+    from fairseq_kd.decoding.shards import ShardBusy, shard_lock
+
+    sha256 = sha256_of(checkpoint)
+    final = converted_dir(checkpoint, sha256, cache_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    while True:
+        try:
+            with shard_lock(final, worker="ct2-conversion"):
+                return _convert_teacher(checkpoint, task, teacher_data_dir, sha256, final)
+        except ShardBusy:
+            logger.info("waiting for another process's CTranslate2 conversion of %s (%s.lock)", checkpoint, final)
+            time.sleep(poll)
+
+
+def _convert_teacher(checkpoint, task, teacher_data_dir, sha256, final) -> Tuple[str, Dict]:
     from fairseq_kd.checkpoints import load_checkpoint_state
     from fairseq_kd.teacher import load_teacher
 
-    sha256 = sha256_of(checkpoint)
-    final = converted_dir(checkpoint, sha256)
     source = read_conversion(final, sha256)
     if source is not None:
         if source.get("dictionaries_sha256") != dictionary_hashes(task.cfg.data, (task.cfg.source_lang, task.cfg.target_lang)):
@@ -150,7 +171,7 @@ class CTranslate2Backend(TranslationBackend):
 
     def __init__(
         self, task, teacher_paths: str, settings: Dict, device, precision="fp32", teacher_data_dir=None,
-        compute_type: str = "default",
+        compute_type: str = "default", cache_dir: Optional[str] = None,
     ):
         try:
             import ctranslate2
@@ -181,7 +202,7 @@ class CTranslate2Backend(TranslationBackend):
             )
         device = torch.device(device)
         self.compute_type = resolve_compute_type(compute_type, device.type)
-        model_dir, source = convert_teacher(paths[0], task, teacher_data_dir)
+        model_dir, source = convert_teacher(paths[0], task, teacher_data_dir, cache_dir=cache_dir)
         kwargs = {"device": device.type, "compute_type": self.compute_type}
         if device.type == "cuda":
             kwargs["device_index"] = device.index or 0

@@ -51,7 +51,12 @@
 #   UPDATE_FREQ [1]        fairseq --update-freq (the recipe computes it from the tokens per update)
 #   TEACHER_CACHE [0] CACHE_ARGS [""]  1: build the offline teacher cache; students read it (--teacher-cache)
 #   COMET_MODEL []         a local COMET model: the table gets a COMET column
-#   SBATCH_ARGS [""]       with LAUNCHER=slurm: sbatch flags of the decoding / cache arrays
+#   SRUN_ARGS [""]         with LAUNCHER=slurm: more srun flags of every step, split as a shell would
+#   TRAIN_CPUS [4] DECODE_CPUS [4]   with LAUNCHER=slurm: --cpus-per-task of the training / decoding tasks
+#   DECODE_CHUNK []        teacher decoding as a work queue of chunks of at most this many sentences
+#                          (empty: DECODE_SHARDS shards); CLAIM_TIMEOUT [600] s before a silent claim is taken over
+#   ON_DEGENERATE [keep]   degenerate teacher translations: keep | drop (counted in the merge report)
+#   NODE_TIMEOUT [1800] NODE_HEARTBEAT [30] NODE_POLL [5]   several torchrun nodes (scripts/lib/nodes.sh)
 # *_ARGS values are split on whitespace (newlines too): write --adam-betas (0.9,0.98) without a space.
 
 PIPELINE_VARS=(RECIPE REPO WORK PYTHON CORPUS DATA_ROOT SRC TGT TRAIN_LINES VALID_LINES TEST_LINES
@@ -61,12 +66,14 @@ PIPELINE_VARS=(RECIPE REPO WORK PYTHON CORPUS DATA_ROOT SRC TGT TRAIN_LINES VALI
 ALL_STUDENTS="baseline word_kd seq_kd tie_kd self_evolution_kd hybrid_gated_kd"
 # shellcheck disable=SC2034  # teacher_args / student_args are read through train()'s nameref
 train_args=() teacher_args=() student_args=() decode_args=() test_decode_args=() device=() teacher_precision=()
-teacher_data=()
+teacher_data=() srun_args=()
 
 # shellcheck source=stages.sh
 source "$(dirname "${BASH_SOURCE[0]}")/stages.sh"
 # shellcheck source=shards.sh
 source "$(dirname "${BASH_SOURCE[0]}")/shards.sh"
+# shellcheck source=nodes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/nodes.sh"
 
 die() {
     echo "$RECIPE: error: $*" >&2
@@ -94,7 +101,9 @@ pipeline_setup() {
     : "${TEST_DECODE_ARGS=}" "${TEACHER_EXTRA:=}" "${STUDENT_EXTRA:=}" "${DECODE_EXTRA:=}"
     : "${LAUNCHER:=single}" "${NODES:=1}" "${NPROC:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=localhost}"
     : "${MASTER_PORT:=29500}" "${UPDATE_FREQ:=1}" "${TEACHER_CACHE:=0}" "${CACHE_ARGS:=}" "${COMET_MODEL:=}"
-    : "${SBATCH_ARGS:=}"
+    : "${SRUN_ARGS:=}" "${TRAIN_CPUS:=4}" "${DECODE_CPUS:=4}" "${DECODE_CHUNK:=}" "${CLAIM_TIMEOUT:=600}"
+    : "${ON_DEGENERATE:=keep}"
+    export FAIRSEQ_KD_MASTER_PORT=$MASTER_PORT  # scripts/distributed_rank.py under srun
     command -v "$PYTHON" >/dev/null || die "$PYTHON not found; set PYTHON"
     "$PYTHON" -c "import fairseq_kd" 2>/dev/null \
         || die "fairseq_kd is not importable; install it first: pip install torch==2.13.0 && pip install -e $REPO"
@@ -129,10 +138,12 @@ pipeline_setup() {
         teacher_checkpoint "$TEACHER_DIR"
     fi
     [[ $SEGMENTATION == spm || $SEGMENTATION == bpe ]] || die "SEGMENTATION must be spm or bpe, got $SEGMENTATION"
-    if (( NODE_RANK > 0 )); then  # torchrun, node r > 0: train and decode with node 0, which does the rest
-        STAGE_FOLLOWER=1
-        STAGE_SHARED='^(teacher|student_.*|decode_train_with_teacher|build_teacher_cache)$'
+    STAGE_ROLE=
+    if [[ $LAUNCHER == torchrun ]] && (( NODES > 1 )); then  # scripts/lib/nodes.sh: node 0 leads, the others follow
+        STAGE_ROLE=lead
+        if (( NODE_RANK > 0 )); then STAGE_ROLE=follow STAGE_FOLLOWER=1; fi
     fi
+    split_quoted srun_args "$SRUN_ARGS" || die "SRUN_ARGS: quote its values as in a shell, got: $SRUN_ARGS"
     PIPELINE_READY=1
 }
 
@@ -151,12 +162,18 @@ teacher_checkpoint() {  # TEACHER_CKPT: the checkpoint(s) of a downloaded fairse
 
 # ---- launcher ---------------------------------------------------------------------------------------
 # fairseq_train LOG ARGS...: fairseq-train through LAUNCHER, output appended to LOG
+#   single    exactly one process (--distributed-world-size 1: fairseq would otherwise spawn one per GPU)
+#   spawn     fairseq's one-node spawn over NPROC GPUs; on CPUs NPROC processes with a tcp:// rendezvous
+#   torchrun  NODES x NPROC ranks (env://); on CPUs scripts/distributed_rank.py turns torchrun's environment
+#             into fairseq's explicit --distributed-rank/-world-size/-init-method tcp:// (gloo)
+#   slurm     srun over the allocation (fairseq's SLURM detection, --distributed-port MASTER_PORT, which the
+#             recipe derives from the job id), --kill-on-bad-exit; on CPUs through distributed_rank.py too
 fairseq_train() {
     local log=$1 world=$((NODES * NPROC)) r
     shift
-    local -a cmd=("$PYTHON" -m fairseq_cli.train "$@")
+    local -a cmd=("$PYTHON" -m fairseq_cli.train "$@") pids=() rank_py=("$PYTHON" "$REPO/scripts/distributed_rank.py" "$@")
     case $LAUNCHER in
-        single) run_log "$log" "${cmd[@]}" ;;
+        single) run_log "$log" "${cmd[@]}" --distributed-world-size 1 ;;
         spawn)
             if [[ ${device[*]} == --cpu ]]; then  # fairseq's spawn counts GPUs: one process per rank here
                 local -a rank_args
@@ -167,33 +184,47 @@ fairseq_train() {
                         printf '    %s> %q 2>&1 &\n' "$(printf '%q ' "${cmd[@]}" "${rank_args[@]}")" "$log.rank$r"
                     else
                         "${cmd[@]}" "${rank_args[@]}" > "$log.rank$r" 2>&1 &
+                        pids+=($!)
                     fi
                 done
-                [[ $DRY_RUN == 1 ]] || wait_all "$log"
+                [[ $DRY_RUN == 1 ]] || wait_all "$log" "${pids[@]}"
             else
                 run_log "$log" "${cmd[@]}" --distributed-world-size "$NPROC"
             fi ;;
         torchrun)
-            run_log "$log" "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc_per_node "$NPROC" \
-                --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-                -m fairseq_cli.train "$@" --distributed-world-size "$world" ;;
+            local -a torchrun=("$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc_per_node "$NPROC"
+                --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+            if [[ ${device[*]} == --cpu ]]; then
+                run_log "$log" "${torchrun[@]}" "${rank_py[@]:1}"
+            else
+                run_log "$log" "${torchrun[@]}" -m fairseq_cli.train "$@" --distributed-world-size "$world"
+            fi ;;
         slurm)
-            run_log "$log" srun --nodes "$NODES" --ntasks-per-node "$NPROC" --gpus-per-node "$NPROC" \
-                "${cmd[@]}" --distributed-world-size "$world" --distributed-port "$MASTER_PORT" ;;
+            local -a srun=(srun --nodes "$NODES" --ntasks-per-node "$NPROC" --cpus-per-task "$TRAIN_CPUS"
+                --kill-on-bad-exit=1 "${srun_args[@]}")
+            if [[ ${device[*]} == --cpu ]]; then
+                run_log "$log" "${srun[@]}" "${rank_py[@]}"
+            else
+                run_log "$log" "${srun[@]}" --gpus-per-node "$NPROC" "${cmd[@]}" --distributed-world-size "$world" \
+                    --distributed-port "$MASTER_PORT"
+            fi ;;
         *) die "LAUNCHER must be single, spawn, torchrun or slurm, got $LAUNCHER" ;;
     esac
 }
 
-wait_all() {  # wait for the background rank processes; fail when one failed
-    local pid failed=0
-    for pid in $(jobs -p); do wait "$pid" || failed=1; done
-    cat "$1.rank0" >> "$1"
-    cat "$1.rank0"
-    (( failed == 0 )) || die "a training process failed; see $1.rank*"
+wait_all() {  # wait_all LOG PID...: wait for the rank processes; fail when one failed
+    local log=$1 pid failed=0
+    shift
+    for pid in "$@"; do wait "$pid" || failed=1; done
+    cat "$log.rank0" >> "$log"
+    cat "$log.rank0"
+    (( failed == 0 )) || die "a training process failed; see $log.rank*"
 }
 
-# the decode/cache shards of this node: one per GPU, or DECODE_PARALLEL CPU processes
+# the decode/cache shards of this node: one per GPU, or DECODE_PARALLEL CPU processes; with several
+# torchrun nodes, node r takes the shards i with i % NODES == r
 shard_setup() {
+    local i
     SHARD_LAUNCH=local SHARD_GPUS='' SHARD_PARALLEL=$DECODE_PARALLEL
     NUM_SHARDS=$DECODE_SHARDS
     SHARD_IDS=$(seq -s ' ' 0 $((NUM_SHARDS - 1)))
@@ -201,10 +232,14 @@ shard_setup() {
         SHARD_LAUNCH=slurm
     elif [[ ${device[*]} != --cpu ]]; then
         SHARD_GPUS=$(seq -s ' ' 0 $((NPROC - 1)))
-        if [[ $LAUNCHER == torchrun && $NODES -gt 1 ]]; then  # node r decodes shards r*NPROC ... r*NPROC+NPROC-1
-            SHARD_IDS=$(seq -s ' ' $((NODE_RANK * NPROC)) $((NODE_RANK * NPROC + NPROC - 1)))
-        fi
     fi
+    if [[ $LAUNCHER == torchrun ]] && (( NODES > 1 )); then
+        SHARD_IDS=$(for ((i = NODE_RANK; i < NUM_SHARDS; i += NODES)); do printf '%s ' "$i"; done)
+    fi
+    # the workers of a decode queue: one per GPU of this node, or DECODE_PARALLEL CPU processes (slurm: every
+    # task of the allocation)
+    QUEUE_WORKERS=$([[ -n $SHARD_GPUS ]] && echo "$NPROC" || echo "$DECODE_PARALLEL")
+    [[ $LAUNCHER != slurm ]] || QUEUE_WORKERS=$((NODES * NPROC))
 }
 
 # ---- stages -----------------------------------------------------------------------------------------
@@ -231,7 +266,7 @@ train() {  # train NAME UPDATES MODEL_FLAGS_ARRAY_NAME [FLAGS...]
     local name=$1 updates=$2
     local -n model=$3
     shift 3
-    fairseq_train "$WORK/$name.train.log" "$BIN" --save-dir "$WORK/$name" --user-dir "$USER_DIR" \
+    fairseq_train "$WORK/$name.train.log$( (( NODE_RANK == 0 )) || echo ".node$NODE_RANK")" "$BIN" --save-dir "$WORK/$name" --user-dir "$USER_DIR" \
         "${train_args[@]}" "${model[@]}" "${device[@]}" --max-update "$updates" "$@"
 }
 
@@ -256,27 +291,38 @@ train_student() {  # train_student NAME
 }
 
 decode_train_with_teacher() {  # Seq-KD data: the teacher's translations of the training source
-    local out=$WORK/seq_kd_decode/train_teacher.txt n
+    local out=$WORK/seq_kd_decode/train_teacher.txt n queue=()
     local threads=$(( OMP_NUM_THREADS / DECODE_PARALLEL ))
     shard_setup
     n=$(lines "$DATA/raw/train.$SRC")
-    BEAM=$TRAIN_BEAM NUM_SHARDS=$NUM_SHARDS SHARD_IDS=$SHARD_IDS PARALLEL=$SHARD_PARALLEL GPUS=$SHARD_GPUS \
-        LAUNCH=$SHARD_LAUNCH SBATCH_ARGS=$SBATCH_ARGS WAIT_SHARDS=$([[ $NODES -gt 1 ]] && echo 604800 || echo 0) \
+    # a work queue: every worker of every node claims chunks until none is left; node 0 waits for them all
+    # (taking over the claims of stopped workers), merges and checks; the other nodes only decode
+    local follower=$(( NODE_RANK > 0 )) gpu_tasks=1 wait_shards=0
+    [[ ${device[*]} != --cpu ]] || gpu_tasks=0
+    [[ $LAUNCHER != torchrun ]] || (( NODES == 1 )) || wait_shards=604800
+    [[ -z $DECODE_CHUNK ]] || queue=(CHUNK_SIZE="$DECODE_CHUNK" WORKERS="$QUEUE_WORKERS" CLAIM_TIMEOUT="$CLAIM_TIMEOUT"
+        WAIT_CHUNKS="$(( 1 - follower ))" WORKER_NAME="node$NODE_RANK")
+    env BEAM="$TRAIN_BEAM" NUM_SHARDS="$NUM_SHARDS" SHARD_IDS="$SHARD_IDS" PARALLEL="$SHARD_PARALLEL" GPUS="$SHARD_GPUS" \
+        LAUNCH="$SHARD_LAUNCH" SRUN_ARGS="$SRUN_ARGS" SHARD_NODES="$NODES" SHARD_CPUS="$DECODE_CPUS" \
+        SHARD_GPU_TASKS="$gpu_tasks" "${queue[@]}" WAIT_SHARDS="$wait_shards" \
         WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
-        DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${teacher_data[*]} ${decode_args[*]}" DRY_RUN=$DRY_RUN \
-        NO_MERGE=$([[ $NODE_RANK -gt 0 ]] && echo 1 || echo 0) \
+        DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${teacher_data[*]} ${decode_args[*]}" DRY_RUN="$DRY_RUN" \
+        NO_MERGE="$follower" ON_DEGENERATE="$ON_DEGENERATE" \
         bash "$REPO/scripts/decode_teacher.sh" "$BIN" "$TEACHER_CKPT" train_teacher
+    (( NODE_RANK == 0 )) || return 0  # node 0 merges
     require_file "$out" "the teacher decoding did not finish; re-run to resume it"
     assert_lines "$out" "$n"
 }
 
-build_teacher_cache() {  # the offline teacher cache, one shard per GPU / array task / CPU process
+build_teacher_cache() {  # the offline teacher cache, one shard per GPU / SLURM task / CPU process
     local extra
     shard_setup
     split_words extra "$CACHE_ARGS"
-    launch_shards "$NUM_SHARDS" "$SHARD_IDS" "$PYTHON" -m fairseq_kd.cache build --data "$BIN" \
+    SHARD_NODES=$NODES SHARD_TASKS=$((NODES * NPROC)) SHARD_CPUS=$DECODE_CPUS \
+        SHARD_GPU_TASKS=$([[ ${device[*]} == --cpu ]] && echo 0 || echo 1) \
+        launch_shards "$NUM_SHARDS" "$SHARD_IDS" "$PYTHON" -m fairseq_kd.cache build --data "$BIN" \
         --path "$TEACHER_CKPT" --out-dir "$WORK/teacher_cache" "${device[@]}" "${teacher_precision[@]}" "${teacher_data[@]}" "${extra[@]}"
-    if (( NODES > 1 && NODE_RANK == 0 )); then
+    if [[ $LAUNCHER == torchrun ]] && (( NODES > 1 && NODE_RANK == 0 )); then
         wait_for_shards "$WORK/teacher_cache/shard%03d-of-%03d/lprobs.idx" "$NUM_SHARDS" 604800 || die "teacher cache shards missing"
     fi
 }

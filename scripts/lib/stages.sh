@@ -17,11 +17,15 @@
 # a changed setting redoes the stage, and since its new marker changes the fingerprint of every stage
 # downstream, those are redone too (each says why).  REDO="NAME ..." (run.sh --redo) redoes stages on
 # request, and so their downstream.  DRY_RUN=1 prints every command of every stage without running it.
+# STAGE_CURRENT: the stage running (nodes.sh names it in a failure).
+# STAGE_ROLE [] lead | follow: several nodes share the plan (scripts/lib/nodes.sh): the lead (node 0) runs
+# it and announces its distributed stages, a follower joins those only.
 
 STAGE_NAMES=()
 STAGE_DEPS=()
 STAGE_CMDS=()
 STAGE_TIMES=()
+export STAGE_CURRENT=''
 declare -A STAGE_PENDING=()
 DRY_RUN=${DRY_RUN:-0}
 REDO=${REDO:-}
@@ -114,19 +118,17 @@ stage() {  # stage K N NAME DEPS CMD...
     if [[ $deps == always ]]; then
         echo "== stage $k/$n $name (started $(date '+%H:%M:%S'); skips its own finished work)"
         started=$SECONDS
+        STAGE_CURRENT=$name
         "$@"
         STAGE_TIMES+=("$name $((SECONDS - started))")
         return 0
     fi
-    if [[ ${STAGE_FOLLOWER:-0} == 1 ]]; then  # a node > 0: node 0 runs the stages and writes the markers
-        if [[ -f $marker ]]; then
-            echo "== stage $k/$n $name: done (by node 0), skipped"
-        elif [[ $name =~ ${STAGE_SHARED:-^$} ]]; then
-            echo "== stage $k/$n $name (started $(date '+%H:%M:%S'), with node 0)"
+    if [[ ${STAGE_FOLLOWER:-0} == 1 ]]; then  # a dry run of a node > 0 (nodes.sh): what it would join
+        if [[ $name =~ ${NODES_SHARED:-^$} ]]; then
+            echo "== stage $k/$n $name (would run with node 0, when node 0 announces it)"
             "$@"
         else
-            echo "== stage $k/$n $name: node 0 runs it; waiting for $marker"
-            [[ $DRY_RUN == 1 ]] || while [[ ! -f $marker ]]; do sleep 30; done
+            echo "== stage $k/$n $name: node 0 runs it"
         fi
         return 0
     fi
@@ -153,7 +155,10 @@ stage() {  # stage K N NAME DEPS CMD...
     mkdir -p "$STAGE_DIR"
     rm -f "$marker"
     started=$SECONDS
+    STAGE_CURRENT=$name
+    if [[ ${STAGE_ROLE:-} == lead ]]; then nodes_announce "$name"; fi
     "$@"
+    if [[ ${STAGE_ROLE:-} == lead ]]; then nodes_step_end "$name"; fi
     stage_mark "$marker" "$own" "$full" "$deps"
     STAGE_TIMES+=("$name $((SECONDS - started))")
     echo "== stage $k/$n $name done in $(hms $((SECONDS - started)))"
@@ -175,11 +180,14 @@ hms() { printf '%d:%02d:%02d' $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
 run_plan() {
     local i n=${#STAGE_NAMES[@]} entry
     local -a cmd
+    if [[ ${STAGE_ROLE:-} == follow && $DRY_RUN == 0 ]]; then nodes_follow; return 0; fi
+    if [[ ${STAGE_ROLE:-} == lead && $DRY_RUN == 0 ]]; then nodes_lead; fi
     for ((i = 0; i < n; i++)); do
         eval "cmd=(${STAGE_CMDS[i]})"
         stage $((i + 1)) "$n" "${STAGE_NAMES[i]}" "${STAGE_DEPS[i]}" "${cmd[@]}"
     done
     [[ $DRY_RUN == 1 ]] && return 0
+    if [[ ${STAGE_ROLE:-} == lead ]]; then nodes_done; fi
     echo "== stage times"
     for entry in "${STAGE_TIMES[@]}"; do
         if [[ ${entry#* } == skipped ]]; then
