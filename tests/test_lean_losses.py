@@ -316,7 +316,7 @@ def test_ranking_from_log_probs_equals_ranking_from_probs(v, k):
     student, teacher, _ = batch(v=v)
     s = F.log_softmax(student, -1).requires_grad_(True)
     t = F.log_softmax(teacher, -1)
-    lean_rank = losses.ranking.hierarchical_ranking_from_log_probs(s, t, k)
+    lean_rank = losses.ranking.hierarchical_ranking_from_teacher(s, losses.DenseTeacher(t), k)
     lean_rank.sum().backward()
     s2 = s.detach().clone().requires_grad_(True)
     ref = losses.hierarchical_ranking_from_probs(s2.exp(), t.exp(), k)
@@ -331,7 +331,7 @@ def test_tie_kd_terms_match_the_full_size_formulas(tiny_chunks):
     mask = target.ne(PAD)
     for eps in (0.0, 1e-6):
         s = student.clone().requires_grad_(True)
-        kl, rank = losses.tie_kd_terms(s, teacher, target, PAD, topk=3, log_epsilon=eps)
+        kl, rank = losses.tie_kd_terms(s, losses.DenseTeacher.from_logits(teacher), target, PAD, topk=3, log_epsilon=eps)
         (kl + rank).backward()
         s2 = student.clone().requires_grad_(True)
         ls, lt = F.log_softmax(s2, -1), F.log_softmax(teacher, -1)
@@ -363,7 +363,7 @@ def test_sekd_mixed_rows_only_equals_every_row(prior_side, divergence, tiny_chun
     opts = dict(gt_weight=0.5, hard_criterion="ratio", hard_ratio=0.5, lam=0.4, divergence=divergence,
                 prior_side=prior_side)
     s = student.clone().requires_grad_(True)
-    terms = losses.self_evolution_kd(s, teacher, target, PAD, **opts)
+    terms = losses.self_evolution_kd(s, losses.DenseTeacher.from_logits(teacher), target, PAD, **opts)
     terms.kd_loss.backward()
     s2 = student.clone().requires_grad_(True)
     ls, lt = F.log_softmax(s2, -1), F.log_softmax(teacher, -1)
@@ -448,7 +448,7 @@ def test_sekd_gradient_in_the_teachers_storage_equals_the_allocated_one(lam_mode
         s = student.clone().requires_grad_(True)
         t = F.log_softmax(teacher, -1)
         loss, _, terms = losses.self_evolution_kd_loss(
-            s, t, target, PAD, 0.1, 0.5, teacher_normalized=True, release_teacher=release, **opts
+            s, losses.DenseTeacher(t), target, PAD, 0.1, 0.5, release_teacher=release, **opts
         )
         loss.backward()
         results.append((loss.detach(), terms, s.grad))

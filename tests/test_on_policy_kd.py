@@ -187,8 +187,8 @@ def test_loss_is_the_divergence_on_generated_rows_and_word_kd_on_reference_rows(
         teacher_lprobs = teacher(mixed["net_input"])
     expected = 0.0
     for i in range(logits.size(0)):
-        one = losses.word_kd_loss(logits[i:i + 1], teacher_lprobs[i:i + 1], mixed["target"][i:i + 1], PAD, 0.1, 0.6,
-                                  1.5, True, "jsd", jsd_beta=0.4, teacher_normalized=True)
+        one = losses.word_kd_loss(logits[i:i + 1], losses.DenseTeacher(teacher_lprobs[i:i + 1]), mixed["target"][i:i + 1], PAD, 0.1, 0.6,
+                                  1.5, True, "jsd", jsd_beta=0.4)
         if rows[i]:
             expected = expected + 0.6 * 1.5**2 * one[2]
         else:

@@ -60,7 +60,7 @@ def test_student_tail_gradient_matches_float64(student_tail, epsilon, alpha):
     x = student64.float().requires_grad_(True)
     top, values, tail = losses.topk_with_tail(teacher64.float(), K)  # the cache's float32 build
     assert torch.equal(top.sort(-1).values, ids.sort(-1).values)  # the same K tokens, by decreasing value
-    loss, _, _ = losses.word_kd_topk_loss(x, top, values, tail, target, PAD, epsilon, alpha)
+    loss, _, _ = losses.word_kd_loss(x, losses.TopKTeacher(top, values, tail), target, PAD, epsilon, alpha)
     (grad,) = torch.autograd.grad(loss, x)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
     outside = torch.ones_like(grad, dtype=torch.bool).scatter_(-1, ids, False)
@@ -101,7 +101,7 @@ def test_teacher_tail_stored_at_build_matches_float64(teacher_tail):
     # and the KL to a student against the float64 one
     student64 = torch.log_softmax(logits_with_tail(1e-3, ids, seed=6), -1)
     mask = torch.ones(1, ids.size(1), dtype=torch.bool)
-    kl = losses.topk_divergence(student64.float(), top, values.half(), tail, mask, "kl").sum()
+    kl = losses.TopKTeacher(top, values.half(), tail).divergence(student64.float(), mask, "kl").sum()
     s = reference_buckets(student64, top)
     ref_kl = (ref.exp() * (ref - s)).sum()
     assert kl.item() == pytest.approx(ref_kl.item(), rel=2e-3, abs=1e-6)

@@ -7,13 +7,12 @@ student.  During validation ``teacher`` is ``None`` and every criterion
 reports the plain label-smoothed NLL of the gold target, so validation losses
 compare directly with a student trained without KD.
 
-With ``--teacher-cache`` the task passes a
-:class:`~fairseq_kd.cache.dataset.CachedTeacher` instead: :meth:`KDCriterion.teacher_distribution`
-returns the teacher's distribution on the gold prefixes in either form (the
-live ``[B, T, V]`` log-probabilities, or the cached
-:class:`~fairseq_kd.cache.dataset.TopKTeacher`), and each criterion calls the
-loss that fits the form (:mod:`fairseq_kd.losses.topk` for the cached one).
-A criterion that accepts the cache overrides :meth:`KDCriterion.teacher_cache_error`.
+With ``--teacher-cache`` the task passes the batch's
+:class:`~fairseq_kd.teacher.cached.CachedTeacher` instead: either way
+:meth:`KDCriterion.teacher_distribution` is the teacher's
+:class:`~fairseq_kd.losses.teacher.TeacherDistribution` on the gold prefixes, which every loss of
+:mod:`fairseq_kd.losses` reads.  A criterion that accepts the cache overrides
+:meth:`KDCriterion.teacher_cache_error`.
 
 A criterion whose loss sums several student decoder passes sets ``backward_per_pass = True``: in
 training the task then also passes ``backward=`` (``optimizer.backward``), which the criterion calls
@@ -34,7 +33,6 @@ from omegaconf import II
 
 from fairseq_kd import losses
 from fairseq_kd.losses import block_max, common
-from fairseq_kd.cache.dataset import CachedTeacher, TopKTeacher
 from fairseq_kd.errors import DistillationError
 
 
@@ -103,8 +101,9 @@ class KDCriterion(FairseqCriterion):
         self.temperature = cfg.kd_temperature
 
     @property
-    def temperature_factor(self) -> float:
-        return self.temperature**2 if self.cfg.kd_temperature_scale else 1.0
+    def kd_scale(self) -> float:
+        """The KD term's factor ``tau^2`` or 1 (:func:`fairseq_kd.losses.kd_scale`)."""
+        return losses.kd_scale(self.temperature, self.cfg.kd_temperature_scale)
 
     def sample_size(self, sample) -> int:
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -120,36 +119,22 @@ class KDCriterion(FairseqCriterion):
         net_output = model(**sample["net_input"])
         return net_output[0], model.get_targets(sample, net_output)
 
-    def teacher_forced_kd(self, model, sample, teacher, loss_fn, topk_loss_fn=None, **options):
-        """``loss_fn(student_logits, teacher_lprobs, target, pad, **kd_loss_options, **options)`` on the gold
-        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(ids, target)`` with ``ids`` the
-        :meth:`agreement_ids` (None without a teacher); with a cached teacher
-        ``topk_loss_fn(student_logits, ids, topk_lprobs, target, pad, ...)`` instead.  A live teacher's
-        output is normalised log-probabilities, so ``loss_fn`` is told not to log-softmax it again."""
+    def teacher_forced_kd(self, model, sample, teacher, loss_fn, **options):
+        """``loss_fn(student_logits, teacher_distribution, target, pad, **kd_loss_options, **options)`` on the
+        gold prefixes (None for the distribution without a teacher), and ``(ids, target)`` with ``ids`` the
+        :meth:`agreement_ids` (None without a teacher)."""
         # the teacher first: its logits are freed before the student's exist
-        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        distribution = self.teacher_distribution(sample, teacher)
         student_logits, target = self.student_forward(model, sample)
-        ids = None if teacher_lprobs is None else self.agreement_ids(student_logits, teacher_lprobs)
-        if isinstance(teacher_lprobs, TopKTeacher):
-            options.pop("release_teacher", None)  # the cache's [B, T, k] tensors are small
-            result = topk_loss_fn(student_logits, *teacher_lprobs, target, self.padding_idx,
-                                  **self.kd_loss_options, **options)
-        else:
-            result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, teacher_normalized=True,
-                             **self.kd_loss_options, **options)
+        ids = None if distribution is None else self.agreement_ids(student_logits, distribution)
+        result = loss_fn(student_logits, distribution, target, self.padding_idx, **self.kd_loss_options, **options)
         return result, (ids, target)
-
-    # -- the two teacher forms ---------------------------------------------------
 
     @staticmethod
     def teacher_distribution(sample, teacher):
-        """The teacher's distribution on ``sample``'s gold prefixes: ``[B, T, V]`` log-probabilities of a
-        live teacher, the batch's :class:`TopKTeacher` with a cached one, None without a teacher."""
-        if teacher is None:
-            return None
-        if isinstance(teacher, CachedTeacher):
-            return teacher.topk(sample)
-        return teacher(sample["net_input"])
+        """The teacher's :class:`~fairseq_kd.losses.teacher.TeacherDistribution` on ``sample``'s gold
+        prefixes (None without a teacher): the live teacher's log-probabilities or the batch's cached top-k."""
+        return None if teacher is None else teacher.distribution(sample["net_input"])
 
     def teacher_cache_error(self, manifest) -> Optional[str]:
         """Why this criterion cannot train from the teacher cache of ``manifest`` (None: it can)."""
@@ -171,15 +156,11 @@ class KDCriterion(FairseqCriterion):
         }
 
     @staticmethod
-    def agreement_ids(student_logits, teacher_lprobs):
-        """``(student argmax, teacher argmax)`` ``[B, T]`` for the top-1 agreement, by block maxima
-        (:func:`~fairseq_kd.losses.block_max.argmax_ids`); a cached teacher's argmax is its first top-k
-        id.  Taken before the loss: a live teacher's storage is reused by the KL (``release_teacher``)."""
-        if isinstance(teacher_lprobs, TopKTeacher):
-            teacher_ids = teacher_lprobs.ids[..., 0]
-        else:
-            teacher_ids = block_max.argmax_ids(teacher_lprobs)
-        return block_max.argmax_ids(student_logits.detach()), teacher_ids
+    def agreement_ids(student_logits, teacher):
+        """``(student argmax, teacher argmax)`` ``[B, T]`` for the top-1 agreement, the student's by block
+        maxima (:func:`~fairseq_kd.losses.block_max.argmax_ids`), the teacher's from its distribution
+        ``teacher``.  Taken before the loss: a live teacher's storage is reused by the KL (``release_teacher``)."""
+        return block_max.argmax_ids(student_logits.detach()), teacher.argmax()
 
     def add_agreement(self, logging_output, ids, target, key="kd"):
         """Top-1 agreement of the ``(student, teacher)`` argmaxes ``ids`` (:meth:`agreement_ids`), logged as

@@ -247,7 +247,7 @@ class OnPolicyKDCriterion(WordKDCriterion):
         sample, on_policy = self.on_policy_sample(model, sample, teacher)
         supervised = None if not bool(on_policy.any()) else ~on_policy
         (loss, nll_loss, kd_loss), (ids, target) = self.teacher_forced_kd(
-            model, sample, teacher, losses.word_kd_loss, None, release_teacher=True, supervised=supervised,
+            model, sample, teacher, losses.word_kd_loss, release_teacher=True, supervised=supervised,
             **self.divergence_options)
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, ids, target)
         row_tokens = target.ne(self.padding_idx).sum(dim=1)

@@ -31,8 +31,6 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd import losses
-from fairseq_kd.losses import common
-from fairseq_kd.cache.dataset import TopKTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
 
@@ -98,7 +96,7 @@ class SelectiveKDCriterion(KDCriterion):
 
     def forward(self, model, sample, reduce=True, teacher=None):
         # the teacher first: its logits are freed before the student's exist
-        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        distribution = self.teacher_distribution(sample, teacher)
         student_logits, target = self.student_forward(model, sample)
         lprobs = losses.log_probs(student_logits)  # one log-softmax for the NLL and the difficulty
         loss, nll_loss = self.label_smoothed(lprobs, target)
@@ -111,15 +109,11 @@ class SelectiveKDCriterion(KDCriterion):
         difficulty = -lprobs.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
         history = self.push_history(difficulty[mask]) if self.global_level else None
         selected = losses.select_hard_tokens(difficulty, mask, self.cfg.selective_ratio, history)
-        ids = self.agreement_ids(student_logits, teacher_lprobs)  # before the KL reuses the teacher's storage
-        if isinstance(teacher_lprobs, TopKTeacher):
-            kd_loss = losses.topk_divergence(student_lprobs, *teacher_lprobs, selected).sum()
-        else:  # the KL on the selected positions only (KL(p_t || p_s), chunked)
-            kd_loss = common.pair_divergence(
-                common.teacher_log_probs(teacher_lprobs, self.temperature, normalized=True), student_lprobs,
-                selected, rows=selected.reshape(-1).nonzero().squeeze(1), overwrite_p=True,
-            ).sum()
-        loss = loss + self.alpha * self.temperature_factor * kd_loss
+        ids = self.agreement_ids(student_logits, distribution)  # before the KL reuses the teacher's storage
+        # KL(p_t || p_s) on the selected positions only
+        kd_loss = distribution.divergence(student_lprobs, selected, "kl", self.temperature, release=True,
+                                          rows=selected.reshape(-1).nonzero().squeeze(1)).sum()
+        loss = losses.kd_mix(loss, kd_loss, self.alpha, self.kd_scale, ls_weight=1.0)
         logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum())
         self.add_agreement(logging_output, ids, target)
         return loss, self.sample_size(sample), logging_output

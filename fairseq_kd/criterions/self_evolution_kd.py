@@ -126,8 +126,7 @@ class SelfEvolutionKDCriterion(KDCriterion):
 
     def forward(self, model, sample, reduce=True, teacher=None):
         (loss, nll_loss, terms), tensors = self.teacher_forced_kd(
-            model, sample, teacher, losses.self_evolution_kd_loss, losses.self_evolution_kd_topk_loss,
-            nll_weight=self.cfg.sekd_nll_weight, release_teacher=True, **self.sekd_options,
+            model, sample, teacher, losses.self_evolution_kd_loss, nll_weight=self.cfg.sekd_nll_weight, release_teacher=True, **self.sekd_options,
         )
         kd_loss = terms.kd_loss if terms is not None else None
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)

@@ -20,7 +20,7 @@ Conventions (those of fairseq's criterions), followed by every module of
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,24 @@ def label_smoothed_nll_from_logits(
     ``log_probs(logits)`` (the same values), differentiable in ``loss`` only: saves one
     ``[B, T, V]`` tensor, in whose storage backward builds the logits' gradient."""
     return _LabelSmoothedNLLFromLogits.apply(logits, target, padding_idx, epsilon)
+
+
+def kd_scale(temperature: float = 1.0, temperature_scale: bool = True) -> float:
+    """The factor ``s`` of the KD term: ``tau^2`` when ``temperature_scale`` (Hinton et al.'s convention,
+    which keeps gradient magnitudes comparable across temperatures), else 1."""
+    return temperature**2 if temperature_scale else 1.0
+
+
+def kd_mix(ls_loss: Optional[Tensor], kd_loss, alpha: float, scale: float = 1.0, ls_weight: Optional[float] = None):
+    """The KD criterions' combination ``(1 - alpha) * LS + alpha * s * KD`` (``s = scale``, :func:`kd_scale`).
+
+    ``ls_weight`` replaces ``1 - alpha`` as the LS term's weight (Selective KD's ``LS + alpha * KD``); the LS
+    term is left out when ``ls_loss`` is None (a decoder pass that has none) or its weight is ``1 - 1``."""
+    kd = alpha * scale * kd_loss
+    weight = 1.0 - alpha if ls_weight is None else ls_weight
+    if ls_loss is None or (ls_weight is None and alpha == 1.0):
+        return kd
+    return weight * ls_loss + kd
 
 
 def label_smoothing_floor(epsilon: float, vocab_size: int) -> float:

@@ -22,8 +22,8 @@ them ignore.  A criterion that only trains on teacher targets sets
 With ``--teacher-cache DIR`` (built by ``python -m fairseq_kd.cache build``)
 no teacher is loaded at all: the training split's batches carry the
 teacher's cached top-k (:mod:`fairseq_kd.cache.dataset`) and the criterion
-is handed a :class:`~fairseq_kd.cache.dataset.CachedTeacher` instead of the
-live teacher.  The cache's manifest must match the task's dictionaries, the
+is handed the :class:`~fairseq_kd.teacher.cached.CachedTeacher` built from each
+batch instead of the live teacher.  The cache's manifest must match the task's dictionaries, the
 training split and the criterion's temperature, and the criterion must accept
 the cached form (``teacher_cache_error``); ``--teacher-path`` and
 ``--teacher-cache`` together are refused.
@@ -40,13 +40,14 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_kd.cache.dataset import CachedTeacher, load_teacher_cache
+from fairseq_kd.cache.dataset import load_teacher_cache
 from fairseq_kd.cache.manifest import check_manifest, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.hashing import dictionary_hashes
 from fairseq_kd.tasks import guards
-from fairseq_kd.teacher import PRECISIONS, load_teacher, split_paths
+from fairseq_kd.teacher.cached import CachedTeacher
+from fairseq_kd.teacher.ensemble import PRECISIONS, load_teacher, split_paths
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class DistillationTranslationTask(TranslationTask):
 
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
-        self.teacher = None
+        self.teacher = None  # the live teacher (a TeacherEnsemble)
+        self.cache_manifest = None  # with --teacher-cache: its manifest, checked against the criterion
         if cfg.teacher_cache and cfg.teacher_path:
             raise DistillationError(
                 "--teacher-path and --teacher-cache are exclusive: the cache replaces the live teacher; "
@@ -129,7 +131,7 @@ class DistillationTranslationTask(TranslationTask):
                 f"--teacher-target-subset NAME (written by python -m fairseq_kd.decoding binarize)"
             )
         if getattr(criterion, "needs_teacher", False) and self.cfg.teacher_cache:
-            self.teacher = self.load_teacher_cache(criterion, cfg._name)
+            self.cache_manifest = self.load_teacher_cache(criterion, cfg._name)
         elif getattr(criterion, "needs_teacher", False):
             if not self.cfg.teacher_path:
                 raise DistillationError(
@@ -142,8 +144,8 @@ class DistillationTranslationTask(TranslationTask):
             )
         return criterion
 
-    def load_teacher_cache(self, criterion, name: str) -> CachedTeacher:
-        """Check the cache's manifest against this run and the criterion; the stand-in teacher."""
+    def load_teacher_cache(self, criterion, name: str) -> dict:
+        """Check the cache's manifest against this run and the criterion; the manifest."""
         path = self.cfg.teacher_cache
         manifest = read_manifest(path)
         data_dir = utils.split_paths(self.cfg.data)[0]
@@ -163,7 +165,7 @@ class DistillationTranslationTask(TranslationTask):
         if refusal:
             raise DistillationError(f"--teacher-cache {path}: {refusal}")
         logger.info("teacher: cache %s (k=%d, temperature %g)", path, manifest["k"], manifest["temperature"])
-        return CachedTeacher(path, manifest)
+        return manifest
 
     def load_teacher(self):
         if self.teacher is None:
@@ -179,11 +181,16 @@ class DistillationTranslationTask(TranslationTask):
             )
         return self.teacher
 
-    def criterion_kwargs(self, criterion, model):
-        """Keyword arguments for a training call of ``criterion``."""
+    def teacher_for(self, sample, model):
+        """The teacher a criterion distils ``sample`` from: the batch's cached one, or the live teacher on
+        ``model``'s device."""
+        return CachedTeacher.from_batch(sample) if self.cfg.teacher_cache else self.teacher.to_like(model)
+
+    def criterion_kwargs(self, criterion, model, sample):
+        """Keyword arguments for a training call of ``criterion`` on ``sample``."""
         if not getattr(criterion, "needs_teacher", False):
             return {}
-        return {"teacher": self.teacher.to_like(model)}
+        return {"teacher": self.teacher_for(sample, model)}
 
     # -- checkpointed state (fairseq_kd.tasks.guards) ---------------------------------
 
@@ -206,7 +213,7 @@ class DistillationTranslationTask(TranslationTask):
         guards.check_data_parallel(criterion, model)
         model.train()
         model.set_num_updates(update_num)
-        kwargs = self.criterion_kwargs(criterion, model)
+        kwargs = self.criterion_kwargs(criterion, model, sample)
         per_pass = bool(kwargs) and getattr(criterion, "backward_per_pass", False)
         if per_pass:
 

@@ -347,7 +347,7 @@ class IterativeDistillationTask(DistillationTranslationTask):
                             "runs the student twice per batch (bitext and source-only rows)")
         model.train()
         model.set_num_updates(update_num)
-        kwargs = self.criterion_kwargs(criterion, model)
+        kwargs = self.criterion_kwargs(criterion, model, sample)
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
                 loss, sample_size, logging_output = self.mixed_loss(sample, model, criterion, **kwargs)
