@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_kd import losses
-from fairseq_kd.losses import chunked, common
+from fairseq_kd.losses import chunked
 from tests import spec_vectors as sv
 
 PAD = 1
@@ -122,7 +122,7 @@ def test_pair_divergence_gradcheck(kind, eps, tiny_chunks):
     mask = target.ne(PAD)
 
     def fn(s_logits, t_logits):
-        return common.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, kind, eps)
+        return chunked.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, kind, eps)
 
     assert torch.autograd.gradcheck(fn, (student.requires_grad_(True), teacher.requires_grad_(True)))
 
@@ -134,7 +134,7 @@ def test_pair_divergence_gradcheck_on_rows(tiny_chunks):
     rows = torch.tensor([0, 4])  # non-pad: 0, 3, 4
 
     def fn(s_logits, t_logits):
-        return common.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, rows=rows)
+        return chunked.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, rows=rows)
 
     assert torch.autograd.gradcheck(fn, (student.requires_grad_(True), teacher.requires_grad_(True)))
     value = fn(student, teacher).reshape(-1)
@@ -152,7 +152,7 @@ def test_chunked_rows_gradcheck(tiny_chunks):
         return (w.unsqueeze(-1) * s.exp() * t).sum(-1) + torch.logsumexp(s + t, -1)
 
     def fn(s_logits, t_logits):
-        return common.chunked_rows(rows_fn, (F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), weight), mask)
+        return chunked.chunked_rows(rows_fn, (F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), weight), mask)
 
     assert torch.autograd.gradcheck(fn, (student.requires_grad_(True), teacher.requires_grad_(True)))
 
@@ -296,7 +296,7 @@ def test_gradient_in_the_teachers_storage_equals_the_allocated_one(kind, eps, us
     for overwrite in (False, True):
         s = student.clone().requires_grad_(True)
         t = F.log_softmax(teacher, -1)
-        value = common.pair_divergence(t, F.log_softmax(s, -1), mask, kind, eps, rows=rows, overwrite_p=overwrite)
+        value = chunked.pair_divergence(t, F.log_softmax(s, -1), mask, kind, eps, rows=rows, overwrite_p=overwrite)
         weights = torch.arange(value.numel(), dtype=value.dtype).view_as(value) + 1.0
         (value * weights).sum().backward(retain_graph=True)
         grads.append((value.detach(), s.grad.clone()))
@@ -388,7 +388,7 @@ def test_selected_rows_kl_equals_masked_kl(tiny_chunks):
     rows = selected.reshape(-1).nonzero().squeeze(1)
     s1 = F.log_softmax(student.clone().requires_grad_(True), -1)
     s1.retain_grad()
-    lean_kl = common.pair_divergence(F.log_softmax(teacher, -1), s1, selected, rows=rows, overwrite_p=True)
+    lean_kl = chunked.pair_divergence(F.log_softmax(teacher, -1), s1, selected, rows=rows, overwrite_p=True)
     lean_kl.sum().backward()
     s2 = F.log_softmax(student.clone().requires_grad_(True), -1)
     s2.retain_grad()

@@ -348,9 +348,11 @@ def test_bad_flags(overrides):
 
 def test_refuses_torch_ddp(setting):
     task, model, teacher, sample = setting
-    wrapped = types.SimpleNamespace(module=mock.Mock(spec=torch.nn.parallel.DistributedDataParallel))
-    with pytest.raises(DistillationError, match="legacy_ddp"):
-        make_criterion(task)(wrapped, sample, teacher=teacher)
+    task.teacher = teacher
+    wrapped = types.SimpleNamespace(module=mock.Mock(spec=torch.nn.parallel.DistributedDataParallel),
+                                    train=model.train, set_num_updates=model.set_num_updates)
+    with pytest.raises(DistillationError, match="TieKDCriterion calls the student's encoder.*legacy_ddp"):
+        task.train_step(sample, wrapped, make_criterion(task), types.SimpleNamespace(backward=None), 0)
 
 
 def test_refuses_left_padded_prefixes(setting):

@@ -109,11 +109,12 @@ class HybridGatedKDCriterion(KDCriterion):
                     "offline (with --teacher-target-subset) or --gate fixed --gate-fixed-value 1")
         return None
 
-    def forward(self, model, sample, reduce=True, teacher=None, backward=None):
-        """``backward`` (from the task in training): the passes on y_hat and on gold, each backpropagated when formed."""
+    def forward(self, model, sample, reduce=True, teacher=None, backward=None, reference=True):
+        """``backward`` (from the task in training): the passes on y_hat and on gold, each backpropagated when
+        formed; ``reference=False`` (source-only rows): the gated term alone."""
         if teacher is None:  # validation
             return self.gold_forward(model, sample)
-        step, alpha, kind = PassBackward(backward), self.alpha, self.gate_kind
+        step, alpha, kind = PassBackward(backward), self.mix_alpha(reference), self.gate_kind
         net_input = sample["net_input"]
         token_on_gold = self.use_token_level and self.token_prefix == "gold"
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])

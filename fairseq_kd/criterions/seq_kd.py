@@ -84,7 +84,7 @@ class SeqKDCriterion(KDCriterion):
             teacher_target,
             self.padding_idx,
             release_teacher=True,
-            **self.kd_loss_options,
+            **self.kd_loss_options(),
         )
         ntokens = sample["teacher_ntokens"]
         sample_size = teacher_target.size(0) if self.sentence_avg else ntokens

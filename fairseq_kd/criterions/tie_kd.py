@@ -18,7 +18,7 @@ from fairseq.logging import metrics
 from torch import Tensor
 
 from fairseq_kd import losses
-from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, check_data_parallel
+from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.losses.block_max import argmax_ids
 from fairseq_kd.losses.common import agreement_from_ids
@@ -103,10 +103,12 @@ class TieKDCriterion(KDCriterion):
             return f"--tie-topk {self.topk} exceeds the cache's k = {manifest['k']}: rebuild it with --k {self.topk}"
         return None
 
-    def forward(self, model, sample, reduce=True, teacher=None, backward=None):
-        """``backward`` (from the task in training): each pass's loss is backpropagated when formed."""
+    def forward(self, model, sample, reduce=True, teacher=None, backward=None, reference=True):
+        """``backward`` (from the task in training): each pass's loss is backpropagated when formed;
+        ``reference=False`` (source-only rows): the KL + ranking term alone."""
         if teacher is None:
             return self.gold_forward(model, sample)
+        alpha = self.mix_alpha(reference)
         step, options = losses.PassBackward(backward), dict(topk=self.topk, ranking=self.ranking,
                                                             log_epsilon=self.log_epsilon)
         if self.iterations == 1:  # the gold pass alone, from either teacher (a cached one's KL on its buckets)
@@ -114,8 +116,7 @@ class TieKDCriterion(KDCriterion):
             student_logits, target = self.student_forward(model, sample)
             kl, rank, ls_loss, nll_loss, ids = losses.tie_kd_iteration(
                 student_logits, distribution, target, self.padding_idx, self.eps, **options)
-            return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], [ids], step)
-        check_data_parallel(model, "tie_kd")
+            return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], [ids], alpha, step)
         target, pad, n = sample["target"], self.padding_idx, 0
         kl_sums, rank_sums, argmaxes = [], [], []  # argmaxes: per pass, computed once
         passes = self.decoding_passes(model, sample["net_input"], teacher, argmaxes, step.shared)
@@ -124,18 +125,18 @@ class TieKDCriterion(KDCriterion):
             kl, rank, ls, nll, ids = losses.tie_kd_iteration(
                 student_logits, distribution, target, pad, self.eps if n == 1 else None, **options)
             del student_logits, distribution  # read no more (backward reuses the teacher's storage)
-            kl, rank, ls, nll = step(lambda: losses.tie_kd_pass_loss(kl, rank, self.alpha, self.iterations, ls),
+            kl, rank, ls, nll = step(lambda: losses.tie_kd_pass_loss(kl, rank, alpha, self.iterations, ls),
                                      kl, rank, ls, nll)  # ls, nll: on the gold pass only
             ls_loss, nll_loss = (ls, nll) if n == 1 else (ls_loss, nll_loss)
             kl_sums.append(kl)
             rank_sums.append(rank)
             argmaxes.append(ids)
-        return self.finish(sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, step)
+        return self.finish(sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, alpha, step)
 
-    def finish(self, sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, step=None):
+    def finish(self, sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, alpha, step=None):
         """The summed loss and the logging output; ``argmaxes``: per pass, the (student, teacher) argmaxes."""
         pad = self.padding_idx
-        loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, self.alpha)
+        loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, alpha)
         loss = step.finish(loss) if step is not None else loss
 
         logging_output = self.base_logging_output(sample, loss, nll_loss)

@@ -82,9 +82,9 @@ class WordKDCriterion(KDCriterion):
         return dict(divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda,
                     jsd_beta=self.cfg.jsd_beta)
 
-    def forward(self, model, sample, reduce=True, teacher=None):
+    def forward(self, model, sample, reduce=True, teacher=None, reference=True):
         (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
-            model, sample, teacher, self.loss_function, **self.divergence_options, **self.ablation,
+            model, sample, teacher, self.loss_function, reference, **self.divergence_options, **self.ablation,
         )
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         return loss, self.sample_size(sample), logging_output

@@ -1,22 +1,7 @@
-"""Shared helpers of the loss functions: softmaxes, the pad mask, the
-label-smoothed NLL (summed and per position), its floor, the ``0 * log 0``
-convention, the ensemble average in log space and the top-1 agreement.  The
-chunked per-position reductions every divergence is computed with
-(:func:`pair_divergence`, :func:`chunked_rows`) live in
-:mod:`fairseq_kd.losses.chunked` and are re-exported here.
-
-Conventions (those of fairseq's criterions), followed by every module of
-:mod:`fairseq_kd.losses`:
-
-* ``student_logits`` and ``teacher_logits`` are ``[B, T, V]`` scores before the
-  softmax; ``target`` is ``[B, T]`` token ids, right-padded with ``padding_idx``.
-* Every loss is a **sum** over the non-pad target positions (EOS included);
-  the trainer divides by ``sample_size`` (the number of target tokens).
-* Softmaxes are taken in float32 when the input is half or bfloat16 (as
-  fairseq's ``utils.log_softmax`` does under ``--fp16``).
-* A teacher "logit" may equally be a log-probability (for instance the
-  log-space average of an ensemble): ``log_softmax`` of a log-distribution is
-  the distribution itself, so every function accepts either.
+"""Shared helpers of the loss functions: softmaxes, the pad mask, the label-smoothed NLL (summed and per
+position), its floor, the KD mix, the ``0 * log 0`` convention, the ensemble average in log space and the
+top-1 agreement.  The conventions every module of :mod:`fairseq_kd.losses` follows are in its package
+docstring.
 """
 
 import math
@@ -26,10 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# the chunked reductions live in their own module; re-exported here, where every loss module imports them from
-from fairseq_kd.losses.chunked import (  # noqa: F401
-    _chunks, _flat, _pair_rows, chunk_rows, chunked_rows, pair_divergence,
-)
+from fairseq_kd.losses.chunked import _chunks, _flat, chunk_rows
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:

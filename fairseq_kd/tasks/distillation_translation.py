@@ -16,8 +16,8 @@ teacher's translations (Seq-KD data, binarized into the same data directory
 by ``python -m fairseq_kd.decoding binarize``): batches gain
 ``teacher_target``, ``teacher_prev_output_tokens`` and ``teacher_ntokens``
 (:mod:`fairseq_kd.data.teacher_target`), which criterions that do not use
-them ignore.  A criterion that only trains on teacher targets sets
-``needs_teacher = False`` and then no live teacher is loaded.
+them ignore.  What a criterion needs from the task (a teacher, teacher targets, ...) is its
+:class:`~fairseq_kd.criterions.base.Requirements`, read here only.
 
 With ``--teacher-cache DIR`` (built by ``python -m fairseq_kd.cache build``)
 no teacher is loaded at all: the training split's batches carry the
@@ -41,6 +41,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.cache.dataset import load_teacher_cache
+from fairseq_kd.criterions.base import requirements
 from fairseq_kd.cache.manifest import check_manifest, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
@@ -125,14 +126,15 @@ class DistillationTranslationTask(TranslationTask):
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg)
         self.criterion = criterion
-        if getattr(criterion, "needs_teacher_target", False) and not self.cfg.teacher_target_subset:
+        needs = requirements(criterion)
+        if needs.teacher_target and not self.cfg.teacher_target_subset:
             raise DistillationError(
                 f"criterion {cfg._name} trains on the teacher's translations: pass "
                 f"--teacher-target-subset NAME (written by python -m fairseq_kd.decoding binarize)"
             )
-        if getattr(criterion, "needs_teacher", False) and self.cfg.teacher_cache:
+        if needs.teacher and self.cfg.teacher_cache:
             self.cache_manifest = self.load_teacher_cache(criterion, cfg._name)
-        elif getattr(criterion, "needs_teacher", False):
+        elif needs.teacher:
             if not self.cfg.teacher_path:
                 raise DistillationError(
                     f"criterion {cfg._name} distils from a teacher: pass --teacher-path CHECKPOINT"
@@ -152,16 +154,14 @@ class DistillationTranslationTask(TranslationTask):
         expected = {
             "dictionaries": dictionary_hashes(data_dir, (self.cfg.source_lang, self.cfg.target_lang)),
             "split": self.cfg.train_subset,
-            "temperature": getattr(criterion, "temperature", 1.0),
+            "temperature": requirements(criterion).temperature,
         }
         check_manifest(path, manifest, expected, fixes={
             "dictionaries": f"build the cache from {data_dir} (the dictionaries of this run)",
             "split": "build the cache on --train-subset, or set --train-subset to the cached split",
             "temperature": "pass the cache's temperature as --kd-temperature, or rebuild it at this temperature",
         })
-        refusal = criterion.teacher_cache_error(manifest) if hasattr(criterion, "teacher_cache_error") else (
-            f"criterion {name} does not read a teacher cache"
-        )
+        refusal = criterion.teacher_cache_error(manifest)
         if refusal:
             raise DistillationError(f"--teacher-cache {path}: {refusal}")
         logger.info("teacher: cache %s (k=%d, temperature %g)", path, manifest["k"], manifest["temperature"])
@@ -188,9 +188,17 @@ class DistillationTranslationTask(TranslationTask):
 
     def criterion_kwargs(self, criterion, model, sample):
         """Keyword arguments for a training call of ``criterion`` on ``sample``."""
-        if not getattr(criterion, "needs_teacher", False):
+        if not requirements(criterion).teacher:
             return {}
         return {"teacher": self.teacher_for(sample, model)}
+
+    def data_parallel_reason(self, sample) -> Optional[str]:
+        """What this task does with ``sample`` that bypasses a data-parallel wrapper's forward (None: nothing)."""
+        return None
+
+    def training_loss(self, sample, model, criterion, **kwargs):
+        """``criterion``'s ``(loss, sample_size, logging_output)`` on a training ``sample`` (forward only)."""
+        return criterion(model, sample, **kwargs)
 
     # -- checkpointed state (fairseq_kd.tasks.guards) ---------------------------------
 
@@ -210,11 +218,12 @@ class DistillationTranslationTask(TranslationTask):
         calls in one step only accumulate into the gradients, which fairseq's trainer all-reduces
         after ``train_step`` under ``--ddp-backend legacy_ddp`` and sums over ``--update-freq``
         (torch's DDP, whose hooks expect one backward per forward, is refused for these criterions)."""
-        guards.check_data_parallel(criterion, model)
+        needs = requirements(criterion)
+        guards.check_data_parallel(model, type(criterion).__name__, needs, self.data_parallel_reason(sample))
         model.train()
         model.set_num_updates(update_num)
         kwargs = self.criterion_kwargs(criterion, model, sample)
-        per_pass = bool(kwargs) and getattr(criterion, "backward_per_pass", False)
+        per_pass = "teacher" in kwargs and needs.backward_per_pass
         if per_pass:
 
             def backward(part):  # outside autocast, as the whole loss's backward below
@@ -224,7 +233,7 @@ class DistillationTranslationTask(TranslationTask):
             kwargs["backward"] = backward
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
-                loss, sample_size, logging_output = criterion(model, sample, **kwargs)
+                loss, sample_size, logging_output = self.training_loss(sample, model, criterion, **kwargs)
         if ignore_grad:
             loss *= 0
         if not per_pass:
