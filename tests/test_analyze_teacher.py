@@ -42,10 +42,10 @@ def test_no_top1_with_all_teacher_mass_on_top1_leaves_nothing_beyond_gold():
     student, _, target = _batch(1)
     teacher = torch.full_like(student, -200.0)
     teacher[..., 3] = 0.0  # top-1 = token 3, never the gold token here
-    _, nll, kd = word_kd_ablation_loss(student, teacher, target, PAD, 0.1, 0.5, topk_mode="no-top1")
+    _, nll, kd = word_kd_ablation_loss(student, losses.DenseTeacher.from_logits(teacher), target, PAD, 0.1, 0.5, topk_mode="no-top1")
     assert kd.item() - nll.item() == pytest.approx(0.0, abs=1e-9)
     teacher_gold = torch.full_like(student, -200.0).scatter(-1, target.unsqueeze(-1), 0.0)
-    _, nll, kd = word_kd_ablation_loss(student, teacher_gold, target, PAD, 0.1, 0.5, topk_mode="no-top1")
+    _, nll, kd = word_kd_ablation_loss(student, losses.DenseTeacher.from_logits(teacher_gold), target, PAD, 0.1, 0.5, topk_mode="no-top1")
     assert kd.item() - nll.item() == pytest.approx(0.0, abs=1e-9)
 
 
@@ -54,7 +54,7 @@ def test_top1_only_matches_a_hand_computation():
     teacher = torch.tensor([[[0.2, 0.1, 0.7]]], dtype=torch.float64).log()
     target = torch.tensor([[0]])
     hand = -0.7 * (0.0 - math.log(math.exp(1) + math.exp(2) + 1))  # -max p_t * log p_s(argmax p_t = 2)
-    loss, nll, kd = word_kd_ablation_loss(student, teacher, target, padding_idx=9, epsilon=0.0, alpha=0.5,
+    loss, nll, kd = word_kd_ablation_loss(student, losses.DenseTeacher.from_logits(teacher), target, padding_idx=9, epsilon=0.0, alpha=0.5,
                                       topk_mode="top1-only")
     assert kd.item() == pytest.approx(hand, rel=1e-12)
     assert nll.item() == pytest.approx(-(1.0 - math.log(math.exp(1) + math.exp(2) + 1)), rel=1e-12)
@@ -65,17 +65,17 @@ def test_top1_only_matches_a_hand_computation():
 
 def test_all_is_word_kd_and_pads_do_not_count():
     student, teacher, target = _batch(2)
-    ours = word_kd_ablation_loss(student, teacher, target, PAD, 0.1, 0.5, topk_mode="all")
-    ref = losses.word_kd_loss(student, teacher, target, PAD, 0.1, 0.5)
+    ours = word_kd_ablation_loss(student, losses.DenseTeacher.from_logits(teacher), target, PAD, 0.1, 0.5, topk_mode="all")
+    ref = losses.word_kd_loss(student, losses.DenseTeacher.from_logits(teacher), target, PAD, 0.1, 0.5)
     assert all(a.item() == b.item() for a, b in zip(ours, ref))
     changed = teacher.clone()
     changed[1, 3] = torch.randn(changed.size(-1), dtype=torch.float64)  # the pad position
     for mode in ("no-top1", "top1-only"):
-        a = word_kd_ablation_loss(student, teacher, target, PAD, 0.1, 0.5, topk_mode=mode)[0]
-        b = word_kd_ablation_loss(student, changed, target, PAD, 0.1, 0.5, topk_mode=mode)[0]
+        a = word_kd_ablation_loss(student, losses.DenseTeacher.from_logits(teacher), target, PAD, 0.1, 0.5, topk_mode=mode)[0]
+        b = word_kd_ablation_loss(student, losses.DenseTeacher.from_logits(changed), target, PAD, 0.1, 0.5, topk_mode=mode)[0]
         assert a.item() == pytest.approx(b.item(), rel=1e-12)
     with pytest.raises(ValueError, match="top1-only"):
-        word_kd_ablation_loss(student, teacher, target, PAD, 0.1, 0.5, divergence="rkl", topk_mode="top1-only")
+        word_kd_ablation_loss(student, losses.DenseTeacher.from_logits(teacher), target, PAD, 0.1, 0.5, divergence="rkl", topk_mode="top1-only")
 
 
 def test_ablations_are_differentiable():
@@ -83,7 +83,7 @@ def test_ablations_are_differentiable():
     for mode in ("no-top1", "top1-only"):
         s = student.clone().requires_grad_(True)
         assert torch.autograd.gradcheck(
-            lambda x: word_kd_ablation_loss(x, teacher, target, PAD, 0.1, 0.5, topk_mode=mode)[0], (s,)
+            lambda x: word_kd_ablation_loss(x, losses.DenseTeacher.from_logits(teacher), target, PAD, 0.1, 0.5, topk_mode=mode)[0], (s,)
         )
 
 
@@ -96,7 +96,7 @@ def test_word_kd_criterion_passes_the_mode_on(mode):
     cfg = WordKDConfig(sentence_avg=False, label_smoothing=0.1, kd_alpha=0.5, kd_topk_mode=mode)
     loss, _, log = WordKDCriterion(task, cfg)(model, sample, teacher=teacher)
     logits = model(**sample["net_input"])[0]
-    ref, _, kd = word_kd_ablation_loss(logits, teacher(sample["net_input"]), sample["target"],
+    ref, _, kd = word_kd_ablation_loss(logits, losses.DenseTeacher.from_logits(teacher(sample["net_input"])), sample["target"],
                                    task.target_dictionary.pad(), 0.1, 0.5, topk_mode=mode)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert log["kd_loss"].item() == pytest.approx(kd.item(), rel=1e-5)

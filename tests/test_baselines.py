@@ -69,7 +69,7 @@ def test_gradcheck_divergences(kind):
     teacher = torch.randn(2, 3, 5, dtype=torch.float64)
     target = torch.tensor([[1, 2, 0], [3, 0, 0]])
     assert torch.autograd.gradcheck(
-        lambda x: losses.word_kd_loss(x, teacher, target, 0, 0.1, 0.5, 1.5, True, kind, 0.2)[0], (student,)
+        lambda x: losses.word_kd_loss(x, losses.DenseTeacher.from_logits(teacher), target, 0, 0.1, 0.5, 1.5, True, kind, 0.2)[0], (student,)
     )
 
 

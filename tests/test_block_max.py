@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_kd.losses import block_max, common
+from fairseq_kd.losses import block_max, chunked
 
 
 def rows(vocab, seed=0, lead=(3, 7), dtype=torch.float32):
@@ -87,12 +87,12 @@ def test_teacher_storage_is_reused_only_when_a_backward_can_follow(kind, eps):
     mask = torch.ones(2, 4, dtype=torch.bool)
     t = teacher.clone()
     with torch.no_grad():
-        common.pair_divergence(t, student.clone().requires_grad_(True), mask, kind, eps, overwrite_p=True)
+        chunked.pair_divergence(t, student.clone().requires_grad_(True), mask, kind, eps, overwrite_p=True)
     assert torch.equal(t, teacher)  # no backward: left as it was
-    common.pair_divergence(t, student, mask, kind, eps, overwrite_p=True)
+    chunked.pair_divergence(t, student, mask, kind, eps, overwrite_p=True)
     assert torch.equal(t, teacher)  # the student needs no gradient: left as it was
     s = student.clone().requires_grad_(True)
-    value = common.pair_divergence(t, s, mask, kind, eps, overwrite_p=True)
+    value = chunked.pair_divergence(t, s, mask, kind, eps, overwrite_p=True)
     p = teacher.exp()
     expected = p if kind == "kl" else p * student.exp() / (student.exp() + eps)
     torch.testing.assert_close(t, expected)  # the factor of the student's gradient, from forward on

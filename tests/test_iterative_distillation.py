@@ -32,12 +32,8 @@ from fairseq_kd.criterions.tie_kd import TieKDConfig, TieKDCriterion
 from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
 from fairseq_kd.data.mixed_source import MixedSourceDataset, source_only_dataset, with_prefixes
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.tasks.iterative_distillation import (
-    IterativeDistillationConfig,
-    IterativeDistillationTask,
-    check_source_only_criterion,
-    distillation_only,
-)
+from fairseq_kd.tasks.iterative_distillation import IterativeDistillationConfig, IterativeDistillationTask
+from fairseq_kd.tasks.source_only import check_source_only_criterion
 from fairseq_kd.unlabeled import binarize_source, prepare_unlabeled
 from tests import cli, toy
 
@@ -310,7 +306,7 @@ def test_loss_is_criterion_on_bitext_plus_kd_on_teacher_prefixes(alpha, weight):
     torch.testing.assert_close(log["unl_kd_loss"], u_kd.detach(), rtol=1e-5, atol=1e-5)
     assert log["unl_ntokens"] == prefix_batch["ntokens"]
     assert log["nsentences"] == 7
-    assert criterion.alpha == alpha  # restored after the source-only call
+    assert criterion.alpha == alpha  # untouched by the source-only call
 
 
 def test_offline_labels_are_the_prefixes(monkeypatch):
@@ -387,18 +383,74 @@ def test_batch_without_marker_trains_like_distillation_translation():
     assert size == expected_size and "unl_ntokens" not in log
 
 
+def every_kd_criterion(task):
+    """Every criterion that distils source-only rows, with their extra gold terms switched on."""
+    from fairseq_kd.criterions.hybrid_gated_kd import HybridGatedKDConfig, HybridGatedKDCriterion
+    from fairseq_kd.criterions.on_policy_kd import OnPolicyKDConfig, OnPolicyKDCriterion
+    from fairseq_kd.criterions.selective_kd import SelectiveKDConfig, SelectiveKDCriterion
+
+    base = dict(sentence_avg=False, kd_alpha=0.5)
+    return {
+        "word_kd": word_kd(task, kd_alpha=0.5),
+        "on_policy_kd": OnPolicyKDCriterion(task, OnPolicyKDConfig(
+            **base, seed=1, on_policy_lambda=0.5, on_policy_unit="sentence", on_policy_generation="greedy")),
+        "selective_kd": SelectiveKDCriterion(task, SelectiveKDConfig(
+            **base, selective_strategy="global_level", selective_ratio=0.5)),
+        "self_evolution_kd": SelfEvolutionKDCriterion(task, SelfEvolutionKDConfig(**base, sekd_nll_weight=0.3)),
+        "tie_kd": TieKDCriterion(task, TieKDConfig(**base, tie_iterations=2)),
+        "hybrid_gated_kd": HybridGatedKDCriterion(task, HybridGatedKDConfig(
+            **base, gate="fixed", gate_fixed_value=0.5)),
+    }
+
+
+def distillation_term(name, log):
+    """What the source-only rows' loss must be: the criterion's distillation term alone (at tau = 1)."""
+    if name == "tie_kd":
+        return log["kd_loss"] + log["rank_loss"]
+    if name == "hybrid_gated_kd":
+        return 0.5 * log["tok_loss"] + 0.5 * log["sent_loss"]
+    return log["kd_loss"]
+
+
+@pytest.mark.parametrize("name", ["word_kd", "on_policy_kd", "selective_kd", "self_evolution_kd", "tie_kd",
+                                  "hybrid_gated_kd"])
+def test_every_criterion_on_mixed_batches_distils_source_only_rows_without_gold_terms(name):
+    """On the task's mixed batches every criterion's source-only loss is its distillation term alone (no
+    NLL of a prefix: selective_kd's LS + a*KD and self_evolution_kd's extra NLL included), at
+    --unlabeled-weight; the per-pass backward (tie_kd, hybrid_gated_kd) gives the one-graph gradients."""
+    weight = 0.7
+    task = make_task("teacher", unlabeled_weight=weight)
+    task.teacher = toy.make_teacher(task)
+    model = toy.make_model(task)
+    sample = collate_all(mixed(task))
+    criterion = every_kd_criterion(task)[name]
+    state = criterion.kd_state_dict()
+    results = []
+    for per_pass in (True, False):
+        criterion.load_kd_state_dict(state)
+        if not per_pass:
+            criterion.backward_per_pass = False
+        model.zero_grad()
+        loss, sample_size, log = task.train_step(sample, model, criterion, BackwardOnly(), update_num=0)
+        criterion.__dict__.pop("backward_per_pass", None)
+        results.append((loss.detach(), log, gradients(model)))
+        unlabeled = {k[len("unl_"):]: v for k, v in log.items() if k.startswith("unl_")}
+        torch.testing.assert_close(torch.as_tensor(unlabeled["loss"], dtype=torch.float32),
+                                   torch.as_tensor(distillation_term(name, unlabeled), dtype=torch.float32),
+                                   rtol=1e-5, atol=1e-6)
+        assert float(unlabeled["loss"]) > 0 and unlabeled["ntokens"] > 0
+        if name == "selective_kd":  # the queue holds the bitext tokens' difficulties only
+            assert criterion.history.numel() == log["ntokens"]
+    (loss_a, log_a, grads_a), (loss_b, log_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # checks: criterion, flags, files
 # ---------------------------------------------------------------------------
-
-
-def test_distillation_only_restores_alpha_on_error():
-    criterion = word_kd(make_task(), kd_alpha=0.3)
-    with pytest.raises(RuntimeError):
-        with distillation_only(criterion):
-            assert criterion.alpha == 1.0
-            raise RuntimeError
-    assert criterion.alpha == 0.3
 
 
 def test_criterions_without_a_source_only_kd_term_are_refused():
@@ -410,10 +462,9 @@ def test_criterions_without_a_source_only_kd_term_are_refused():
         check_source_only_criterion(SeqKDCriterion(task, SeqKDConfig(sentence_avg=False)), "seq_kd")
     with pytest.raises(DistillationError, match="teacher targets"):
         check_source_only_criterion(SeqKDCriterion(task, SeqKDConfig(sentence_avg=False, kd_alpha=0.5)), "seq_kd")
+    # an extra gold term is the criterion's to drop on source-only rows (reference=False)
     sekd = SelfEvolutionKDCriterion(task, SelfEvolutionKDConfig(sentence_avg=False, sekd_nll_weight=0.2))
-    with pytest.raises(DistillationError, match="--sekd-nll-weight 0"):
-        check_source_only_criterion(sekd, "self_evolution_kd")
-    for ok in (word_kd(task), SelfEvolutionKDCriterion(task, SelfEvolutionKDConfig(sentence_avg=False)),
+    for ok in (word_kd(task), sekd, SelfEvolutionKDCriterion(task, SelfEvolutionKDConfig(sentence_avg=False)),
                TieKDCriterion(task, TieKDConfig(sentence_avg=False))):
         check_source_only_criterion(ok, "ok")
 

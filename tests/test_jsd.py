@@ -131,7 +131,7 @@ def test_gradcheck_float64_both_sides_and_through_word_kd(beta, monkeypatch):
         lambda a, b: jsd(losses.log_probs(a), losses.log_probs(b), mask, beta), (student, teacher))
     target = torch.tensor([[2, 3, 1], [4, 1, 5]])
     assert torch.autograd.gradcheck(lambda x: losses.word_kd_loss(
-        x, teacher.detach(), target, 1, 0.1, 0.5, 1.5, True, "jsd", jsd_beta=beta)[0], (student,))
+        x, losses.DenseTeacher.from_logits(teacher.detach()), target, 1, 0.1, 0.5, 1.5, True, "jsd", jsd_beta=beta)[0], (student,))
 
 
 def test_gradient_reaches_the_student_through_the_mixture():
@@ -178,8 +178,8 @@ def test_fp16_and_bf16_logits_are_computed_in_float32():
     student, teacher, target = sv.spec_batch(dtype=torch.float32)
     for dtype in (torch.float16, torch.bfloat16):
         half_s, half_t = student.to(dtype), teacher.to(dtype)
-        loss, _, kd = losses.word_kd_loss(half_s, half_t, target, sv.PAD, 0.1, 0.5, divergence="jsd", jsd_beta=0.3)
-        ref = losses.word_kd_loss(half_s.float(), half_t.float(), target, sv.PAD, 0.1, 0.5, divergence="jsd",
+        loss, _, kd = losses.word_kd_loss(half_s, losses.DenseTeacher.from_logits(half_t), target, sv.PAD, 0.1, 0.5, divergence="jsd", jsd_beta=0.3)
+        ref = losses.word_kd_loss(half_s.float(), losses.DenseTeacher.from_logits(half_t.float()), target, sv.PAD, 0.1, 0.5, divergence="jsd",
                                   jsd_beta=0.3)
         assert kd.dtype == torch.float32
         assert kd.item() == ref[2].item() and loss.item() == ref[0].item()
@@ -208,7 +208,7 @@ def test_from_the_topk_cache_it_is_the_jsd_of_the_buckets():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     s, t = losses.log_probs(student_logits), losses.log_probs(teacher_logits)
     ids, values, tail = losses.topk_with_tail(t, 3)
-    got = losses.topk_divergence(s, ids, values, tail, mask, "jsd", jsd_beta=0.4)
+    got = losses.TopKTeacher(ids, values, tail).divergence(s, mask, "jsd", jsd_beta=0.4)
     # by hand: each side's mass on the 3 ids and on the rest, then the definition
     def buckets(lp):
         top = lp.gather(-1, ids)

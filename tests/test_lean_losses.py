@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_kd import losses
-from fairseq_kd.losses import chunked, common
+from fairseq_kd.losses import chunked
 from tests import spec_vectors as sv
 
 PAD = 1
@@ -122,7 +122,7 @@ def test_pair_divergence_gradcheck(kind, eps, tiny_chunks):
     mask = target.ne(PAD)
 
     def fn(s_logits, t_logits):
-        return common.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, kind, eps)
+        return chunked.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, kind, eps)
 
     assert torch.autograd.gradcheck(fn, (student.requires_grad_(True), teacher.requires_grad_(True)))
 
@@ -134,7 +134,7 @@ def test_pair_divergence_gradcheck_on_rows(tiny_chunks):
     rows = torch.tensor([0, 4])  # non-pad: 0, 3, 4
 
     def fn(s_logits, t_logits):
-        return common.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, rows=rows)
+        return chunked.pair_divergence(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1), mask, rows=rows)
 
     assert torch.autograd.gradcheck(fn, (student.requires_grad_(True), teacher.requires_grad_(True)))
     value = fn(student, teacher).reshape(-1)
@@ -152,7 +152,7 @@ def test_chunked_rows_gradcheck(tiny_chunks):
         return (w.unsqueeze(-1) * s.exp() * t).sum(-1) + torch.logsumexp(s + t, -1)
 
     def fn(s_logits, t_logits):
-        return common.chunked_rows(rows_fn, (F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), weight), mask)
+        return chunked.chunked_rows(rows_fn, (F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), weight), mask)
 
     assert torch.autograd.gradcheck(fn, (student.requires_grad_(True), teacher.requires_grad_(True)))
 
@@ -296,7 +296,7 @@ def test_gradient_in_the_teachers_storage_equals_the_allocated_one(kind, eps, us
     for overwrite in (False, True):
         s = student.clone().requires_grad_(True)
         t = F.log_softmax(teacher, -1)
-        value = common.pair_divergence(t, F.log_softmax(s, -1), mask, kind, eps, rows=rows, overwrite_p=overwrite)
+        value = chunked.pair_divergence(t, F.log_softmax(s, -1), mask, kind, eps, rows=rows, overwrite_p=overwrite)
         weights = torch.arange(value.numel(), dtype=value.dtype).view_as(value) + 1.0
         (value * weights).sum().backward(retain_graph=True)
         grads.append((value.detach(), s.grad.clone()))
@@ -316,7 +316,7 @@ def test_ranking_from_log_probs_equals_ranking_from_probs(v, k):
     student, teacher, _ = batch(v=v)
     s = F.log_softmax(student, -1).requires_grad_(True)
     t = F.log_softmax(teacher, -1)
-    lean_rank = losses.ranking.hierarchical_ranking_from_log_probs(s, t, k)
+    lean_rank = losses.ranking.hierarchical_ranking_from_teacher(s, losses.DenseTeacher(t), k)
     lean_rank.sum().backward()
     s2 = s.detach().clone().requires_grad_(True)
     ref = losses.hierarchical_ranking_from_probs(s2.exp(), t.exp(), k)
@@ -331,7 +331,7 @@ def test_tie_kd_terms_match_the_full_size_formulas(tiny_chunks):
     mask = target.ne(PAD)
     for eps in (0.0, 1e-6):
         s = student.clone().requires_grad_(True)
-        kl, rank = losses.tie_kd_terms(s, teacher, target, PAD, topk=3, log_epsilon=eps)
+        kl, rank = losses.tie_kd_terms(s, losses.DenseTeacher.from_logits(teacher), target, PAD, topk=3, log_epsilon=eps)
         (kl + rank).backward()
         s2 = student.clone().requires_grad_(True)
         ls, lt = F.log_softmax(s2, -1), F.log_softmax(teacher, -1)
@@ -363,7 +363,7 @@ def test_sekd_mixed_rows_only_equals_every_row(prior_side, divergence, tiny_chun
     opts = dict(gt_weight=0.5, hard_criterion="ratio", hard_ratio=0.5, lam=0.4, divergence=divergence,
                 prior_side=prior_side)
     s = student.clone().requires_grad_(True)
-    terms = losses.self_evolution_kd(s, teacher, target, PAD, **opts)
+    terms = losses.self_evolution_kd(s, losses.DenseTeacher.from_logits(teacher), target, PAD, **opts)
     terms.kd_loss.backward()
     s2 = student.clone().requires_grad_(True)
     ls, lt = F.log_softmax(s2, -1), F.log_softmax(teacher, -1)
@@ -388,7 +388,7 @@ def test_selected_rows_kl_equals_masked_kl(tiny_chunks):
     rows = selected.reshape(-1).nonzero().squeeze(1)
     s1 = F.log_softmax(student.clone().requires_grad_(True), -1)
     s1.retain_grad()
-    lean_kl = common.pair_divergence(F.log_softmax(teacher, -1), s1, selected, rows=rows, overwrite_p=True)
+    lean_kl = chunked.pair_divergence(F.log_softmax(teacher, -1), s1, selected, rows=rows, overwrite_p=True)
     lean_kl.sum().backward()
     s2 = F.log_softmax(student.clone().requires_grad_(True), -1)
     s2.retain_grad()
@@ -448,7 +448,7 @@ def test_sekd_gradient_in_the_teachers_storage_equals_the_allocated_one(lam_mode
         s = student.clone().requires_grad_(True)
         t = F.log_softmax(teacher, -1)
         loss, _, terms = losses.self_evolution_kd_loss(
-            s, t, target, PAD, 0.1, 0.5, teacher_normalized=True, release_teacher=release, **opts
+            s, losses.DenseTeacher(t), target, PAD, 0.1, 0.5, release_teacher=release, **opts
         )
         loss.backward()
         results.append((loss.detach(), terms, s.grad))

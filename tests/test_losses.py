@@ -105,7 +105,7 @@ def test_teacher_with_zero_probabilities_is_finite():
 def test_word_kd_loss_combines_terms():
     student, teacher, target = sv.spec_batch()
     for tau, scale in ((1.0, True), (2.0, True), (2.0, False)):
-        loss, nll, kd = losses.word_kd_loss(student, teacher, target, sv.PAD, 0.1, 0.3, tau, scale)
+        loss, nll, kd = losses.word_kd_loss(student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, 0.1, 0.3, tau, scale)
         ls, nll_ref = losses.label_smoothed_nll(student, target, sv.PAD, 0.1)
         kl = losses.kl_divergence(student, teacher, target, sv.PAD, tau)
         factor = tau**2 if scale else 1.0
@@ -139,7 +139,7 @@ def test_gradcheck_label_smoothed_nll_and_kl():
     assert torch.autograd.gradcheck(lambda s: losses.label_smoothed_nll(s, target, 0, 0.1)[0], (student,))
     assert torch.autograd.gradcheck(lambda s: losses.kl_divergence(s, teacher, target, 0, 1.5), (student,))
     assert torch.autograd.gradcheck(
-        lambda s: losses.word_kd_loss(s, teacher, target, 0, 0.1, 0.5, 2.0)[0], (student,)
+        lambda s: losses.word_kd_loss(s, losses.DenseTeacher.from_logits(teacher), target, 0, 0.1, 0.5, 2.0)[0], (student,)
     )
 
 

@@ -187,8 +187,8 @@ def test_loss_is_the_divergence_on_generated_rows_and_word_kd_on_reference_rows(
         teacher_lprobs = teacher(mixed["net_input"])
     expected = 0.0
     for i in range(logits.size(0)):
-        one = losses.word_kd_loss(logits[i:i + 1], teacher_lprobs[i:i + 1], mixed["target"][i:i + 1], PAD, 0.1, 0.6,
-                                  1.5, True, "jsd", jsd_beta=0.4, teacher_normalized=True)
+        one = losses.word_kd_loss(logits[i:i + 1], losses.DenseTeacher(teacher_lprobs[i:i + 1]), mixed["target"][i:i + 1], PAD, 0.1, 0.6,
+                                  1.5, True, "jsd", jsd_beta=0.4)
         if rows[i]:
             expected = expected + 0.6 * 1.5**2 * one[2]
         else:
@@ -304,8 +304,23 @@ def test_cache_fully_sharded_and_left_padding_are_refused():
             super().__init__()
             self.module = module
 
-    with pytest.raises(DistillationError, match=r"fully_sharded.*legacy_ddp"):
-        on_policy(task, on_policy_lambda=1.0)(FullyShardedDataParallel(model), sample, teacher=teacher)
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+        def set_num_updates(self, num_updates):
+            self.module.set_num_updates(num_updates)
+
+        def get_targets(self, sample, net_output):
+            return self.module.get_targets(sample, net_output)
+
+    task.teacher = teacher
+    wrapped = FullyShardedDataParallel(model)
+    backward = types.SimpleNamespace(backward=lambda loss: loss.backward())
+    with pytest.raises(DistillationError, match=r"generates.*fully_sharded.*legacy_ddp"):
+        task.train_step(sample, wrapped, on_policy(task, on_policy_lambda=1.0), backward, 0)
+    assert all(p.grad is None for p in model.parameters())  # refused before the forward
+    task.train_step(sample, wrapped, on_policy(task, on_policy_lambda=0.0), backward, 0)  # no generation: trains
+    assert any(p.grad is not None for p in model.parameters())
     left = dict(sample, net_input=dict(sample["net_input"]))
     left["net_input"]["prev_output_tokens"] = sample["net_input"]["prev_output_tokens"].flip(1)
     with pytest.raises(DistillationError, match="--left-pad-target"):

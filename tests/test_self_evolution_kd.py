@@ -52,7 +52,7 @@ def hand_batch(dtype=torch.float64):
 
 def sekd(student, teacher, target=HAND_TARGET, pad=PAD, **kw):
     kw.setdefault("gt_weight", 0.5)
-    return losses.self_evolution_kd(student, teacher, target, pad, **kw)
+    return losses.self_evolution_kd(student, losses.DenseTeacher.from_logits(teacher), target, pad, **kw)
 
 
 def test_hand_difficulties():
@@ -199,7 +199,7 @@ def test_zero_ratio_is_vanilla_kl(divergence, prior_side, zeroing):
     student, teacher, target = sv.spec_batch()
     for tau in (1.0, 2.0):
         terms = losses.self_evolution_kd(
-            student, teacher, target, sv.PAD, divergence=divergence, prior_side=prior_side,
+            student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, divergence=divergence, prior_side=prior_side,
             temperature=tau, **zeroing,
         )
         assert terms.ratio_sum.item() == 0.0
@@ -219,10 +219,10 @@ def test_full_loss_combination():
     opts = dict(hard_criterion="all", lam=0.3)
     for tau, scale, beta in ((1.0, True, 0.0), (2.0, True, 0.4), (2.0, False, 1.0)):
         loss, nll, terms = losses.self_evolution_kd_loss(
-            student, teacher, target, sv.PAD, 0.1, 0.3, tau, scale, nll_weight=beta, **opts
+            student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, 0.1, 0.3, tau, scale, nll_weight=beta, **opts
         )
         ls, nll_ref = losses.label_smoothed_nll(student, target, sv.PAD, 0.1)
-        kd = losses.self_evolution_kd(student, teacher, target, sv.PAD, temperature=tau, **opts).kd_loss
+        kd = losses.self_evolution_kd(student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, temperature=tau, **opts).kd_loss
         factor = tau**2 if scale else 1.0
         assert nll.item() == pytest.approx(sv.NLL, rel=1e-6)
         expected = 0.7 * ls.item() + 0.3 * factor * kd.item() + beta * nll_ref.item()
@@ -267,10 +267,10 @@ def test_gradcheck_full_loss_const_mode(prior_side, divergence, hard_criterion):
     student.requires_grad_(True)
     opts = dict(hard_criterion=hard_criterion, threshold=1.0, hard_ratio=0.5, lam=0.4,
                 divergence=divergence, prior_side=prior_side)
-    terms = losses.self_evolution_kd(student, teacher, target, 0, **opts)
+    terms = losses.self_evolution_kd(student, losses.DenseTeacher.from_logits(teacher), target, 0, **opts)
     assert 0 < terms.n_hard.item() <= 5
     def f(s):
-        return losses.self_evolution_kd_loss(s, teacher, target, 0, 0.1, 0.5, 1.5, nll_weight=0.2, **opts)[0]
+        return losses.self_evolution_kd_loss(s, losses.DenseTeacher.from_logits(teacher), target, 0, 0.1, 0.5, 1.5, nll_weight=0.2, **opts)[0]
 
     assert torch.autograd.gradcheck(f, (student,))
 
@@ -281,7 +281,7 @@ def test_difficulty_and_ratio_are_stop_gradient():
     student, teacher, target = _random_batch(2)
     student.requires_grad_(True)
     opts = dict(hard_criterion="all", lam=0.5, lambda_mode="linear", lambda_max=0.8)
-    losses.self_evolution_kd(student, teacher, target, 0, **opts).kd_loss.backward()
+    losses.self_evolution_kd(student, losses.DenseTeacher.from_logits(teacher), target, 0, **opts).kd_loss.backward()
     mask = target.ne(0)
     lps, lpt = torch.log_softmax(student.detach(), -1), torch.log_softmax(teacher, -1)
     prior = losses.gold_teacher_log_mixture(lpt, target, 0.5)
@@ -319,7 +319,7 @@ def test_extreme_logits_are_finite_for_every_flag_combination(dtype, big):
         student, teacher, target = _extreme_batch(big, dtype)
         student.requires_grad_(True)
         loss, _, terms = losses.self_evolution_kd_loss(
-            student, teacher, target, padding_idx=2, epsilon=0.1, alpha=0.5, nll_weight=0.5,
+            student, losses.DenseTeacher.from_logits(teacher), target, padding_idx=2, epsilon=0.1, alpha=0.5, nll_weight=0.5,
             gt_weight=gamma, hard_criterion=hard_criterion, threshold=1.0, hard_ratio=0.5, lam=0.5,
             lambda_mode=mode, lambda_max=0.9, divergence=divergence, prior_side=prior_side,
         )
@@ -334,8 +334,8 @@ def test_extreme_logits_are_finite_for_every_flag_combination(dtype, big):
 
 def test_half_inputs_are_computed_in_float32():
     student, teacher, target = sv.spec_batch(torch.float32)
-    ref = losses.self_evolution_kd(student, teacher, target, sv.PAD, hard_criterion="all")
-    half = losses.self_evolution_kd(student.half(), teacher.half(), target, sv.PAD, hard_criterion="all")
+    ref = losses.self_evolution_kd(student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, hard_criterion="all")
+    half = losses.self_evolution_kd(student.half(), losses.DenseTeacher.from_logits(teacher.half()), target, sv.PAD, hard_criterion="all")
     assert half.kd_loss.dtype == torch.float32
     assert half.kd_loss.item() == pytest.approx(ref.kd_loss.item(), rel=5e-3)
 
@@ -344,8 +344,8 @@ def test_pad_positions_are_ignored():
     student, teacher, target = sv.spec_batch()
     garbage = student.clone()
     garbage[1, 3] = 1e3  # the pad position
-    a = losses.self_evolution_kd(student, teacher, target, sv.PAD, hard_ratio=0.5)
-    b = losses.self_evolution_kd(garbage, teacher, target, sv.PAD, hard_ratio=0.5)
+    a = losses.self_evolution_kd(student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, hard_ratio=0.5)
+    b = losses.self_evolution_kd(garbage, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, hard_ratio=0.5)
     assert a == b  # every field, bit for bit
 
 
@@ -399,7 +399,7 @@ def test_criterion_logs_the_three_statistics(toy_setup):
     loss, size, log = crit(model, sample, teacher=teacher)
     logits = model(**sample["net_input"])[0]
     terms = losses.self_evolution_kd(
-        logits, teacher(sample["net_input"]), sample["target"], task.target_dictionary.pad(),
+        logits, losses.DenseTeacher.from_logits(teacher(sample["net_input"])), sample["target"], task.target_dictionary.pad(),
         hard_ratio=0.25, lam=0.2, lambda_mode="linear",
     )
     n = sample["ntokens"]

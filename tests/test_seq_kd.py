@@ -511,7 +511,7 @@ def test_seq_kd_with_word_kd_uses_the_teacher_on_teacher_prefixes():
 
     net_input = dict(gold["net_input"], prev_output_tokens=other["net_input"]["prev_output_tokens"])
     expected, _, kd = losses.word_kd_loss(
-        model(**net_input)[0], teacher(net_input), other["target"], task.target_dictionary.pad(),
+        model(**net_input)[0], losses.DenseTeacher.from_logits(teacher(net_input)), other["target"], task.target_dictionary.pad(),
         epsilon=0.1, alpha=0.3,
     )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -564,7 +564,7 @@ def test_task_builds_seq_kd_without_a_live_teacher(data_dir, tmp_path):
         task.build_criterion(cfg)
     task = make_task(data_dir, teacher_target_subset="train_teacher")
     criterion = task.build_criterion(cfg)
-    assert task.teacher is None and task.criterion_kwargs(criterion, None) == {}
+    assert task.teacher is None and task.criterion_kwargs(criterion, None, None) == {}
     assert isinstance(criterion, SeqKDCriterion) and criterion.alpha == 0.0
     with pytest.raises(DistillationError, match="--teacher-path"):
         task.build_criterion(criterion_cfg(kd_alpha=0.5))

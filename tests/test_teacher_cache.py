@@ -17,7 +17,7 @@ import torch
 
 from fairseq_kd import losses
 from fairseq_kd.cache.build import teacher_topk
-from fairseq_kd.cache.dataset import IDS_KEY, LPROBS_KEY, TAIL_KEY, CachedTeacher, TeacherCache
+from fairseq_kd.cache.dataset import IDS_KEY, LPROBS_KEY, TAIL_KEY, TeacherCache
 from fairseq_kd.cache.manifest import read_manifest
 from fairseq_kd.criterions.hybrid_gated_kd import HybridGatedKDConfig, HybridGatedKDCriterion
 from fairseq_kd.criterions.selective_kd import SelectiveKDConfig, SelectiveKDCriterion
@@ -25,6 +25,7 @@ from fairseq_kd.criterions.self_evolution_kd import SelfEvolutionKDConfig, SelfE
 from fairseq_kd.criterions.tie_kd import TieKDConfig, TieKDCriterion
 from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.teacher.cached import CachedTeacher
 from tests import cli, toy
 
 KD = ["--user-dir", cli.USER_DIR, "--task", "distillation_translation"]
@@ -40,10 +41,10 @@ def test_bucketed_kl_hand_computed():
     student = torch.full((1, 1, 4), math.log(0.25), dtype=torch.float64)
     mask = torch.ones(1, 1, dtype=torch.bool)
     tail = torch.tensor([[math.log(0.2)]], dtype=torch.float64)
-    kl = losses.topk_divergence(student, ids, teacher[:2].view(1, 1, 2), tail, mask, "kl")
+    kl = losses.TopKTeacher(ids, teacher[:2].view(1, 1, 2), tail).divergence(student, mask, "kl")
     expected = 0.5 * math.log(2.0) + 0.3 * math.log(1.2) + 0.2 * math.log(0.4)
     assert kl.item() == pytest.approx(expected, rel=1e-12)
-    rkl = losses.topk_divergence(student, ids, teacher[:2].view(1, 1, 2), tail, mask, "rkl")
+    rkl = losses.TopKTeacher(ids, teacher[:2].view(1, 1, 2), tail).divergence(student, mask, "rkl")
     assert rkl.item() == pytest.approx(0.25 * math.log(0.5) + 0.25 * math.log(0.25 / 0.3) + 0.5 * math.log(2.5), rel=1e-12)
     assert losses.bucket_target(torch.tensor([[1, 3]]), torch.tensor([[[0, 1], [0, 1]]])).tolist() == [[1, 2]]
 
@@ -55,13 +56,13 @@ def test_full_k_equals_full_vocabulary_loss(divergence):
     target = torch.randint(2, 12, (2, 5))
     target[1, 3:] = 1
     ids, values, tail = losses.topk_with_tail(losses.log_probs(teacher), 12)
-    full = losses.word_kd_loss(student, teacher, target, 1, 0.1, 0.5, divergence=divergence)
-    cached = losses.word_kd_topk_loss(student, ids, values, tail, target, 1, 0.1, 0.5, divergence=divergence)
+    full = losses.word_kd_loss(student, losses.DenseTeacher.from_logits(teacher), target, 1, 0.1, 0.5, divergence=divergence)
+    cached = losses.word_kd_loss(student, losses.TopKTeacher(ids, values, tail), target, 1, 0.1, 0.5, divergence=divergence)
     for a, b in zip(full, cached):
         assert b.item() == pytest.approx(a.item(), rel=1e-5, abs=1e-5)
     # with k < V the bucketed divergence is a lower bound (grouping never increases an f-divergence)
     ids3, values3, tail3 = losses.topk_with_tail(losses.log_probs(teacher), 3)
-    small = losses.word_kd_topk_loss(student, ids3, values3, tail3, target, 1, 0.1, 0.5, divergence=divergence)
+    small = losses.word_kd_loss(student, losses.TopKTeacher(ids3, values3, tail3), target, 1, 0.1, 0.5, divergence=divergence)
     assert 0 < small[2].item() < full[2].item()
 
 
@@ -73,7 +74,7 @@ def test_topk_divergence_gradcheck(divergence):
     mask = torch.tensor([[True, True, False], [True, True, True]])
 
     def f(x):
-        return losses.topk_divergence(losses.log_probs(x), ids, values, tail, mask, divergence, 0.2).sum()
+        return losses.TopKTeacher(ids, values, tail).divergence(losses.log_probs(x), mask, divergence, 0.2).sum()
 
     assert torch.autograd.gradcheck(f, (logits,))
 
@@ -83,7 +84,7 @@ def test_bucketed_kl_gradient_is_exact_on_the_top_k():
     logits = torch.randn(1, 1, 9, dtype=torch.float64, requires_grad=True)
     teacher = losses.log_probs(torch.randn(1, 1, 9, dtype=torch.float64))
     ids, values, tail_lp = losses.topk_with_tail(teacher, 3)
-    kl = losses.topk_divergence(losses.log_probs(logits), ids, values, tail_lp, torch.ones(1, 1, dtype=torch.bool), "kl")
+    kl = losses.TopKTeacher(ids, values, tail_lp).divergence(losses.log_probs(logits), torch.ones(1, 1, dtype=torch.bool), "kl")
     (grad,) = torch.autograd.grad(kl.sum(), logits)
     p_s, p_t = losses.log_probs(logits).exp().detach()[0, 0], teacher.exp()[0, 0]
     top = ids[0, 0]
@@ -99,15 +100,15 @@ def test_tie_ranking_from_cache_is_exact_and_sekd_full_k():
     student, teacher = torch.randn(3, 4, 15), 3 * torch.randn(3, 4, 15)
     target = torch.randint(2, 15, (3, 4))
     ids, values, tail = losses.topk_with_tail(losses.log_probs(teacher), 8)
-    _, rank = losses.tie_kd_terms(student, teacher, target, 1, topk=5)
-    _, cached_rank = losses.tie_kd_topk_terms(student, ids, values, tail, target, 1, topk=5)
+    _, rank = losses.tie_kd_terms(student, losses.DenseTeacher.from_logits(teacher), target, 1, topk=5)
+    _, cached_rank = losses.tie_kd_terms(student, losses.TopKTeacher(ids, values, tail), target, 1, topk=5)
     assert cached_rank.item() == pytest.approx(rank.item(), rel=1e-6)
     all_ids, all_values, all_tail = losses.topk_with_tail(losses.log_probs(teacher), 15)
-    kl, _ = losses.tie_kd_terms(student, teacher, target, 1, topk=5, log_epsilon=0.0)
-    cached_kl, _ = losses.tie_kd_topk_terms(student, all_ids, all_values, all_tail, target, 1, topk=5, log_epsilon=0.0)
+    kl, _ = losses.tie_kd_terms(student, losses.DenseTeacher.from_logits(teacher), target, 1, topk=5, log_epsilon=0.0)
+    cached_kl, _ = losses.tie_kd_terms(student, losses.TopKTeacher(all_ids, all_values, all_tail), target, 1, topk=5, log_epsilon=0.0)
     assert cached_kl.item() == pytest.approx(kl.item(), rel=1e-5)
-    full = losses.self_evolution_kd_loss(student, teacher, target, 1, 0.1, 0.5, gt_weight=0.3)
-    cached = losses.self_evolution_kd_topk_loss(student, all_ids, all_values, all_tail, target, 1, 0.1, 0.5, gt_weight=0.3)
+    full = losses.self_evolution_kd_loss(student, losses.DenseTeacher.from_logits(teacher), target, 1, 0.1, 0.5, gt_weight=0.3)
+    cached = losses.self_evolution_kd_loss(student, losses.TopKTeacher(all_ids, all_values, all_tail), target, 1, 0.1, 0.5, gt_weight=0.3)
     assert cached[0].item() == pytest.approx(full[0].item(), rel=1e-5)
     assert cached[2].n_hard.item() == full[2].n_hard.item()
 
@@ -144,7 +145,7 @@ def test_cached_criterion_matches_live_teacher_at_full_k(name):
     assert criterion.teacher_cache_error({"k": vocab}) is None
     live_model, cached_model = toy.make_model(task, seed=0), toy.make_model(task, seed=0)
     live, _, live_log = criterion(live_model, sample, teacher=teacher)
-    cached, _, cached_log = criterion(cached_model, sample, teacher=CachedTeacher("cache", {"k": vocab, "temperature": 1.0}))
+    cached, _, cached_log = criterion(cached_model, sample, teacher=CachedTeacher.from_batch(sample))
     # fp16 storage of the teacher's log-probabilities: agreement to about 1e-3 relative
     assert cached.item() == pytest.approx(live.item(), rel=2e-3)
     assert int(cached_log["kd_agree"]) == int(live_log["kd_agree"])
@@ -160,7 +161,7 @@ def test_cached_criterion_with_small_k_trains():
     teacher = toy.make_teacher(task, seeds=(7,))
     sample = cached_sample(task, teacher, 4)
     model = toy.make_model(task, seed=0)
-    loss, _, log = criterions(task)["word_kd"](model, sample, teacher=CachedTeacher("c", {"k": 4, "temperature": 1.0}))
+    loss, _, log = criterions(task)["word_kd"](model, sample, teacher=CachedTeacher.from_batch(sample))
     loss.backward()
     assert torch.isfinite(loss) and log["kd_loss"].item() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -305,7 +306,7 @@ def _task_check(data, cache, criterion_cls=WordKDCriterion, config_cls=WordKDCon
 
 def test_training_refuses_another_dictionary_split_or_temperature(prepared, teacher_ckpt, cache8, tmp_path):
     manifest = os.path.join(cache8, "manifest.json")
-    assert _task_check(prepared.bin, cache8).k == 8
+    assert _task_check(prepared.bin, cache8)["k"] == 8
     data = str(tmp_path / "data")
     shutil.copytree(prepared.bin, data)
     for lang in (prepared.src, prepared.tgt):  # same symbols (the model still builds), other counts: other files

@@ -8,7 +8,8 @@ import torch
 from fairseq.logging import metrics
 
 from fairseq_kd import losses
-from fairseq_kd.criterions.tie_kd import TieKDConfig, TieKDCriterion, next_prefix
+from fairseq_kd.criterions.tie_kd import TieKDConfig, TieKDCriterion
+from fairseq_kd.losses.ranking import next_prefix
 from fairseq_kd.criterions.word_kd import WordKDConfig, WordKDCriterion
 from fairseq_kd.errors import DistillationError
 from tests import spec_vectors as sv
@@ -46,18 +47,18 @@ def test_spec_vectors():
     assert losses.tie_kd_kl(student, teacher, target, sv.PAD, log_epsilon=0.0).item() == pytest.approx(
         sv.WORD_KD_KL_TAU_1, rel=1e-6
     )
-    kl, rank = losses.tie_kd_terms(student, teacher, target, sv.PAD, topk=5)
+    kl, rank = losses.tie_kd_terms(student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, topk=5)
     ls, _ = losses.label_smoothed_nll(student, target, sv.PAD, 0.1)
     assert (0.5 * ls + 0.5 * (kl + rank)).item() == pytest.approx(sv.TIE_KD_TOTAL_N1, rel=1e-6)
     assert kl.item() == pytest.approx(sv.TIE_KD_KL_EPS, rel=1e-6)
     assert rank.item() == pytest.approx(sv.TIE_KD_RANK_K5, rel=1e-6)
-    kl_only, no_rank = losses.tie_kd_terms(student, teacher, target, sv.PAD, ranking=False)
+    kl_only, no_rank = losses.tie_kd_terms(student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD, ranking=False)
     assert no_rank is None and kl_only.item() == kl.item()
 
 
 def test_float32_and_half_inputs():
     student, teacher, target = sv.spec_batch(torch.float32)
-    kl, rank = losses.tie_kd_terms(student, teacher, target, sv.PAD)
+    kl, rank = losses.tie_kd_terms(student, losses.DenseTeacher.from_logits(teacher), target, sv.PAD)
     assert kl.dtype == rank.dtype == torch.float32
     assert kl.item() == pytest.approx(sv.TIE_KD_KL_EPS, rel=1e-5)
     assert rank.item() == pytest.approx(sv.TIE_KD_RANK_K5, rel=1e-5)
@@ -114,7 +115,7 @@ def test_gradcheck():
     )
     assert torch.autograd.gradcheck(lambda s: losses.tie_kd_kl(s, teacher, target, 1), (student,))
     assert torch.autograd.gradcheck(
-        lambda s: sum(losses.tie_kd_terms(s, teacher, target, 1, topk=3, log_epsilon=0.0)), (student,)
+        lambda s: sum(losses.tie_kd_terms(s, losses.DenseTeacher.from_logits(teacher), target, 1, topk=3, log_epsilon=0.0)), (student,)
     )
     # pad positions get no gradient
     losses.hierarchical_ranking(student, teacher, target, 1, topk=4).backward()
@@ -209,7 +210,7 @@ def test_three_passes_decode_student_predictions(setting):
     assert log["rank_loss"].item() == pytest.approx(rank.item(), rel=1e-6)
     assert sample_size == sample["ntokens"]
     for n, (_, s, t) in enumerate(passes, start=1):
-        assert log[f"kd_agree_iter{n}"] == losses.top1_agreement(s, t, target, pad).item()
+        assert log[f"kd_agree_iter{n}"] == losses.top1_agreement(s, t.lprobs, target, pad).item()
     assert log["kd_agree"] == log["kd_agree_iter1"]
 
     # the sample is not modified
@@ -238,8 +239,8 @@ def test_every_pass_gets_gradient(setting):
     # the loss of pass 3 alone depends on the student (its logits are computed with grad)
     task, model, teacher, sample = setting
     criterion = make_criterion(task)
-    *_, (_, student_logits, teacher_lprobs) = criterion.decoding_passes(model, sample["net_input"], teacher)
-    assert student_logits.requires_grad and not teacher_lprobs.requires_grad
+    *_, (_, student_logits, teacher_distribution) = criterion.decoding_passes(model, sample["net_input"], teacher)
+    assert student_logits.requires_grad and not teacher_distribution.lprobs.requires_grad
 
 
 def test_predicted_pad_is_replaced():
@@ -347,9 +348,11 @@ def test_bad_flags(overrides):
 
 def test_refuses_torch_ddp(setting):
     task, model, teacher, sample = setting
-    wrapped = types.SimpleNamespace(module=mock.Mock(spec=torch.nn.parallel.DistributedDataParallel))
-    with pytest.raises(DistillationError, match="legacy_ddp"):
-        make_criterion(task)(wrapped, sample, teacher=teacher)
+    task.teacher = teacher
+    wrapped = types.SimpleNamespace(module=mock.Mock(spec=torch.nn.parallel.DistributedDataParallel),
+                                    train=model.train, set_num_updates=model.set_num_updates)
+    with pytest.raises(DistillationError, match="TieKDCriterion calls the student's encoder.*legacy_ddp"):
+        task.train_step(sample, wrapped, make_criterion(task), types.SimpleNamespace(backward=None), 0)
 
 
 def test_refuses_left_padded_prefixes(setting):

@@ -60,7 +60,7 @@ def test_student_tail_gradient_matches_float64(student_tail, epsilon, alpha):
     x = student64.float().requires_grad_(True)
     top, values, tail = losses.topk_with_tail(teacher64.float(), K)  # the cache's float32 build
     assert torch.equal(top.sort(-1).values, ids.sort(-1).values)  # the same K tokens, by decreasing value
-    loss, _, _ = losses.word_kd_topk_loss(x, top, values, tail, target, PAD, epsilon, alpha)
+    loss, _, _ = losses.word_kd_loss(x, losses.TopKTeacher(top, values, tail), target, PAD, epsilon, alpha)
     (grad,) = torch.autograd.grad(loss, x)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
     outside = torch.ones_like(grad, dtype=torch.bool).scatter_(-1, ids, False)
@@ -101,7 +101,7 @@ def test_teacher_tail_stored_at_build_matches_float64(teacher_tail):
     # and the KL to a student against the float64 one
     student64 = torch.log_softmax(logits_with_tail(1e-3, ids, seed=6), -1)
     mask = torch.ones(1, ids.size(1), dtype=torch.bool)
-    kl = losses.topk_divergence(student64.float(), top, values.half(), tail, mask, "kl").sum()
+    kl = losses.TopKTeacher(top, values.half(), tail).divergence(student64.float(), mask, "kl").sum()
     s = reference_buckets(student64, top)
     ref_kl = (ref.exp() * (ref - s)).sum()
     assert kl.item() == pytest.approx(ref_kl.item(), rel=2e-3, abs=1e-6)
@@ -127,3 +127,59 @@ def test_a_released_teacher_tensor_is_refused_when_read_again():
     (reference,) = torch.autograd.grad(expected, logits, retain_graph=True)
     first.backward()  # the gradient itself is still right
     assert torch.allclose(logits.grad, reference, atol=1e-6)
+
+
+def test_dense_and_full_topk_teachers_answer_alike():
+    """One interface: at k = V the cached form gives the live form's argmax, top-k, probabilities at ids,
+    gold index (as a bucket) and divergences (the tail bucket empty)."""
+    g = torch.Generator().manual_seed(5)
+    vocab = 9
+    teacher = torch.log_softmax(torch.randn(2, 3, vocab, generator=g, dtype=torch.float64), -1)
+    student = torch.log_softmax(torch.randn(2, 3, vocab, generator=g, dtype=torch.float64), -1)
+    target = torch.randint(0, vocab, (2, 3), generator=g)
+    ids, values, tail = losses.topk_with_tail(teacher, vocab)
+    dense, cached = losses.DenseTeacher(teacher), losses.TopKTeacher(ids, values, tail)
+    assert torch.equal(dense.argmax(), cached.argmax())
+    for k in (1, 4):
+        (d_ids, d_lp), (c_ids, c_lp) = dense.top(k), cached.top(k)
+        assert torch.equal(d_ids, c_ids) and torch.allclose(d_lp, c_lp)
+    probe = torch.randint(0, vocab, (2, 3, 4), generator=g)
+    assert torch.allclose(dense.probs_at(probe), cached.probs_at(probe))
+    assert torch.equal(ids.gather(-1, cached.gold(target).unsqueeze(-1)).squeeze(-1), dense.gold(target))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    for divergence in losses.DIVERGENCES:
+        a = dense.divergence(student, mask, divergence)
+        b = cached.divergence(student, mask, divergence)
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), divergence
+    with pytest.raises(ValueError, match="the cached k"):
+        losses.TopKTeacher(ids[..., :3], values[..., :3], tail).top(4)
+
+
+def test_a_released_dense_teacher_is_refused_when_read_again():
+    from fairseq_kd.losses.chunked import ReleasedTensorError
+
+    g = torch.Generator().manual_seed(6)
+    student = torch.randn(2, 3, 7, generator=g, requires_grad=True)
+    teacher = losses.DenseTeacher(torch.log_softmax(torch.randn(2, 3, 7, generator=g), -1))
+    target = torch.randint(2, 7, (2, 3), generator=g)
+    loss, _, _ = losses.word_kd_loss(student, teacher, target, 0, 0.1, 0.5, release_teacher=True)
+    loss.backward()
+    for read in (teacher.argmax, lambda: teacher.top(2), lambda: teacher.divergence(student.detach(), target.ne(0))):
+        with pytest.raises(ReleasedTensorError):
+            read()
+
+
+def test_the_cached_teacher_is_read_on_the_batchs_gold_prefixes_only():
+    from fairseq_kd.cache.dataset import IDS_KEY, LPROBS_KEY, TAIL_KEY
+    from fairseq_kd.errors import DistillationError
+    from fairseq_kd.teacher.cached import CachedTeacher
+
+    prev = torch.tensor([[2, 5, 6]])
+    sample = {"net_input": {"prev_output_tokens": prev}, IDS_KEY: torch.zeros(1, 3, 2, dtype=torch.long),
+              LPROBS_KEY: torch.full((1, 3, 2), -1.0).half(), TAIL_KEY: torch.full((1, 3), -1.0)}
+    teacher = CachedTeacher.from_batch(sample)
+    assert teacher.distribution(sample["net_input"]).ids is sample[IDS_KEY]
+    with pytest.raises(DistillationError, match="gold prefixes only"):
+        teacher.distribution({"prev_output_tokens": prev.clone()})
+    with pytest.raises(DistillationError, match="no cached teacher distribution"):
+        CachedTeacher.from_batch({"net_input": {"prev_output_tokens": prev}})

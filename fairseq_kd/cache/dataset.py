@@ -20,19 +20,15 @@ every collated batch
 
 aligned with ``target`` (rows in the batch's order, padded like it; a pad
 position holds the pad id, ``-inf`` and a tail of ``0``, i.e. an empty top-k
-whose tail bucket has all the mass).  :class:`CachedTeacher` is what the distillation task hands
-to a criterion in place of a live teacher; :class:`TopKTeacher` is the
-``(ids, lprobs, tail)`` a criterion gets from it.
+whose tail bucket has all the mass); :class:`fairseq_kd.teacher.cached.CachedTeacher` reads them
+back for the criterion.
 """
 
 import logging
 import os
-from typing import Dict, NamedTuple
-
 import numpy as np
 import torch
 from fairseq.data import BaseWrapperDataset
-from torch import Tensor
 
 from fairseq_kd.cache.integrity import check_example, check_index, read_shard_record, verify_shard
 from fairseq_kd.cache.manifest import missing_shards, read_current_manifest, shard_dir
@@ -215,32 +211,3 @@ class TeacherCacheDataset(BaseWrapperDataset):
         if errors:
             batch[ERROR_KEY] = errors[0]
         return batch
-
-
-class TopKTeacher(NamedTuple):
-    """The teacher's distribution on one batch as the cache gives it."""
-
-    ids: Tensor  #: [B, T, k] long
-    lprobs: Tensor  #: [B, T, k] float16 (normalised over the vocabulary, at the cache's temperature)
-    tail: Tensor  #: [B, T] float32: the log of the teacher's mass outside ``ids``
-
-
-class CachedTeacher:
-    """Stands in for the live teacher when the training batches carry its cached top-k."""
-
-    def __init__(self, cache_dir: str, manifest: Dict):
-        self.dir, self.manifest = cache_dir, manifest
-        self.k, self.temperature = manifest["k"], manifest["temperature"]
-
-    def topk(self, sample) -> TopKTeacher:
-        if ERROR_KEY in sample:  # read in a data-loader worker
-            raise DistillationError(sample[ERROR_KEY])
-        if IDS_KEY not in sample:
-            raise DistillationError(
-                f"this batch carries no cached teacher distribution ({IDS_KEY}): --teacher-cache "
-                f"{self.dir} covers the training split only"
-            )
-        return TopKTeacher(sample[IDS_KEY], sample[LPROBS_KEY], sample[TAIL_KEY])
-
-    def to_like(self, module) -> "CachedTeacher":
-        return self

@@ -165,10 +165,10 @@ def check_live_teacher_languages(paths: Sequence[str], task_cfg) -> None:
                     task_cfg.source_lang, task_cfg.target_lang)
 
 
-def check_cache_reader(task_cfg, criterion, name: str) -> None:
-    """``--teacher-cache`` with a criterion that distils from no teacher: refused (it would be collated
-    into every batch and ignored)."""
-    if getattr(task_cfg, "teacher_cache", None) and not getattr(criterion, "needs_teacher", False):
+def check_cache_reader(task_cfg, uses_teacher: bool, name: str) -> None:
+    """``--teacher-cache`` with a criterion that distils from no teacher (``uses_teacher`` false, from the
+    criterion's requirements): refused (it would be collated into every batch and ignored)."""
+    if getattr(task_cfg, "teacher_cache", None) and not uses_teacher:
         raise DistillationError(
             f"--teacher-cache {task_cfg.teacher_cache} is not read: criterion {name} uses no teacher; drop "
             f"--teacher-cache or choose a distillation criterion (word_kd, ...)"

@@ -7,26 +7,23 @@ student.  During validation ``teacher`` is ``None`` and every criterion
 reports the plain label-smoothed NLL of the gold target, so validation losses
 compare directly with a student trained without KD.
 
-With ``--teacher-cache`` the task passes a
-:class:`~fairseq_kd.cache.dataset.CachedTeacher` instead: :meth:`KDCriterion.teacher_distribution`
-returns the teacher's distribution on the gold prefixes in either form (the
-live ``[B, T, V]`` log-probabilities, or the cached
-:class:`~fairseq_kd.cache.dataset.TopKTeacher`), and each criterion calls the
-loss that fits the form (:mod:`fairseq_kd.losses.topk` for the cached one).
-A criterion that accepts the cache overrides :meth:`KDCriterion.teacher_cache_error`.
+With ``--teacher-cache`` the task passes the batch's
+:class:`~fairseq_kd.teacher.cached.CachedTeacher` instead: either way
+:meth:`KDCriterion.teacher_distribution` is the teacher's
+:class:`~fairseq_kd.losses.teacher.TeacherDistribution` on the gold prefixes, which every loss of
+:mod:`fairseq_kd.losses` reads.  A criterion that accepts the cache overrides
+:meth:`KDCriterion.teacher_cache_error`.
 
-A criterion whose loss sums several student decoder passes sets ``backward_per_pass = True``: in
-training the task then also passes ``backward=`` (``optimizer.backward``), which the criterion calls
-on each pass's share of the loss as soon as it is formed, and it returns the total loss detached
-(:class:`fairseq_kd.losses.PassBackward`); without ``backward`` it builds one graph.
+What a criterion needs from the distillation tasks is declared in one place, :class:`Requirements`
+(:meth:`KDCriterion.requirements`, read by the tasks through :func:`requirements`); docs/architecture.md.
 """
 
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from fairseq import utils
+from torch import nn
 from fairseq.logging import metrics
 from fairseq.criterions import FairseqCriterion
 from fairseq.dataclass import FairseqDataclass
@@ -34,29 +31,47 @@ from omegaconf import II
 
 from fairseq_kd import losses
 from fairseq_kd.losses import block_max, common
-from fairseq_kd.cache.dataset import CachedTeacher, TopKTeacher
 from fairseq_kd.errors import DistillationError
 
 
-def bypassed_wrapper(model) -> Optional[str]:
-    """The data-parallel wrapper around ``model`` whose gradient sync runs only through its own forward --
-    torch's DDP (``--ddp-backend pytorch_ddp``/``c10d``) or fairseq's fully sharded one (``fully_sharded``,
-    which also shards the parameters a separate encoder/decoder call would read) -- or None."""
-    for module in (model, getattr(model, "module", None)):
-        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-            return "torch's DistributedDataParallel"
-        if module is not None and type(module).__name__ == "FullyShardedDataParallel":
-            return "FullyShardedDataParallel (--ddp-backend fully_sharded)"
-    return None
+@dataclass(frozen=True)
+class Requirements:
+    """What a criterion needs from the distillation tasks: declared by the criterion
+    (:meth:`KDCriterion.requirements`), read by the tasks only (:func:`requirements`)."""
+
+    #: distils from a teacher: the task loads the live one, or reads ``--teacher-cache`` where
+    #: :meth:`KDCriterion.teacher_cache_error` allows it, and hands it over as ``teacher=``
+    teacher: bool = False
+    #: trains on the teacher's translations (``--teacher-target-subset``)
+    teacher_target: bool = False
+    #: calls the student's encoder and decoder outside the wrapper's forward (refused under torch's DDP and
+    #: fully_sharded, whose gradient sync runs through that forward only)
+    calls_model_parts: bool = False
+    #: generates with the student's parts outside the wrapper's forward, without gradient (refused under
+    #: fully_sharded, whose parameters are sharded there)
+    generates: bool = False
+    #: takes ``backward=`` (``optimizer.backward``), calls it on each decoder pass's share of the loss and
+    #: returns the total detached (:class:`fairseq_kd.losses.PassBackward`): the task runs no backward
+    backward_per_pass: bool = False
+    #: has training state beyond parameters (``kd_state_dict`` / ``load_kd_state_dict``), saved in the
+    #: checkpoint's ``task_state``
+    training_state: bool = False
+    #: the temperature a teacher cache must have been built at
+    temperature: float = 1.0
+    #: why the criterion cannot distil source-only rows (``iterative_distillation``); None: it can, through
+    #: ``forward(..., reference=False)``, which returns its distillation term alone
+    source_only_error: Optional[str] = (
+        "has no distillation term for source-only examples (--unlabeled-subset): use a KD criterion with a "
+        "live teacher, e.g. word_kd or tie_kd")
 
 
-def check_data_parallel(model, who: str, why: str = "calls the student's encoder and decoder separately") -> None:
-    """The one data-parallel check: refuse a wrapper of :func:`bypassed_wrapper` for ``who``, which ``why``."""
-    wrapper = bypassed_wrapper(model)
-    if wrapper is not None:
-        raise DistillationError(
-            f"{who} {why}, which bypasses the gradient all-reduce of {wrapper}: train with --ddp-backend legacy_ddp"
-        )
+def requirements(criterion) -> Requirements:
+    """What ``criterion`` needs from the task: a KD criterion's declaration, nothing for any other fairseq
+    criterion (which the distillation tasks train as fairseq's own tasks do).  Under data parallelism
+    fairseq's trainer hands the task a criterion with parameters inside its wrapper (``.module``)."""
+    while not isinstance(criterion, KDCriterion) and isinstance(getattr(criterion, "module", None), nn.Module):
+        criterion = criterion.module
+    return criterion.requirements() if isinstance(criterion, KDCriterion) else Requirements()
 
 
 @dataclass
@@ -81,12 +96,15 @@ class KDCriterionConfig(FairseqDataclass):
 
 
 class KDCriterion(FairseqCriterion):
-    """Base class: ``forward(model, sample, reduce=True, teacher=None)``."""
+    """Base class: ``forward(model, sample, reduce=True, teacher=None, reference=True)``; the class and
+    instance flags below feed :meth:`requirements`."""
 
-    #: the distillation task loads a live teacher only for criterions that need one
     needs_teacher = True
-    #: the task hands ``forward`` a ``backward`` callable (see the module docstring)
+    needs_teacher_target = False
+    calls_model_parts = False
+    generates = False
     backward_per_pass = False
+    training_state = False
 
     def __init__(self, task, cfg: KDCriterionConfig):
         super().__init__(task)
@@ -102,54 +120,69 @@ class KDCriterion(FairseqCriterion):
         self.alpha = cfg.kd_alpha
         self.temperature = cfg.kd_temperature
 
+    def requirements(self) -> Requirements:
+        """This criterion's :class:`Requirements`."""
+        if not self.needs_teacher:
+            source_only = Requirements.source_only_error
+        elif self.needs_teacher_target:
+            source_only = ("trains on teacher targets of the bitext, which source-only examples do not have: use "
+                           "word_kd (or tie_kd) with --prefix-source offline for the teacher's labels of the "
+                           "source-only split")
+        else:
+            source_only = None
+        return Requirements(
+            teacher=self.needs_teacher, teacher_target=self.needs_teacher_target,
+            calls_model_parts=self.calls_model_parts, generates=self.generates,
+            backward_per_pass=self.backward_per_pass, training_state=self.training_state,
+            temperature=self.temperature, source_only_error=source_only)
+
+    def kd_state_dict(self) -> dict:
+        """Training state beyond parameters (with ``training_state``), saved in the checkpoint's ``task_state``."""
+        return {}
+
+    def load_kd_state_dict(self, state: dict) -> None:
+        """Restore :meth:`kd_state_dict` on resume."""
+
+    def mix_alpha(self, reference: bool = True) -> float:
+        """The KD term's weight: ``--kd-alpha`` on rows with a reference target; 1 on rows without one
+        (``reference=False``: source-only rows), whose loss is then the distillation term alone."""
+        return self.alpha if reference else 1.0
+
     @property
-    def temperature_factor(self) -> float:
-        return self.temperature**2 if self.cfg.kd_temperature_scale else 1.0
+    def kd_scale(self) -> float:
+        """The KD term's factor ``tau^2`` or 1 (:func:`fairseq_kd.losses.kd_scale`)."""
+        return losses.kd_scale(self.temperature, self.cfg.kd_temperature_scale)
 
     def sample_size(self, sample) -> int:
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
 
-    @property
-    def kd_loss_options(self) -> dict:
-        """Keyword arguments of ``losses.word_kd_loss`` (and its variants) set by the shared flags."""
-        t_scale = self.cfg.kd_temperature_scale
-        return dict(epsilon=self.eps, alpha=self.alpha, temperature=self.temperature, temperature_scale=t_scale)
+    def kd_loss_options(self, reference: bool = True) -> dict:
+        """Keyword arguments of ``losses.word_kd_loss`` (and the other objectives) set by the shared flags."""
+        return dict(epsilon=self.eps, alpha=self.mix_alpha(reference), temperature=self.temperature,
+                    temperature_scale=self.cfg.kd_temperature_scale)
 
     def student_forward(self, model, sample):
         """``(student_logits, target)`` of the student on the gold prefixes."""
         net_output = model(**sample["net_input"])
         return net_output[0], model.get_targets(sample, net_output)
 
-    def teacher_forced_kd(self, model, sample, teacher, loss_fn, topk_loss_fn=None, **options):
-        """``loss_fn(student_logits, teacher_lprobs, target, pad, **kd_loss_options, **options)`` on the gold
-        prefixes (None for ``teacher_lprobs`` without a teacher), and ``(ids, target)`` with ``ids`` the
-        :meth:`agreement_ids` (None without a teacher); with a cached teacher
-        ``topk_loss_fn(student_logits, ids, topk_lprobs, target, pad, ...)`` instead.  A live teacher's
-        output is normalised log-probabilities, so ``loss_fn`` is told not to log-softmax it again."""
+    def teacher_forced_kd(self, model, sample, teacher, loss_fn, reference: bool = True, **options):
+        """``loss_fn(student_logits, teacher_distribution, target, pad, **kd_loss_options(reference), **options)``
+        on the gold prefixes (None for the distribution without a teacher), and ``(ids, target)`` with ``ids``
+        the :meth:`agreement_ids` (None without a teacher)."""
         # the teacher first: its logits are freed before the student's exist
-        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        distribution = self.teacher_distribution(sample, teacher)
         student_logits, target = self.student_forward(model, sample)
-        ids = None if teacher_lprobs is None else self.agreement_ids(student_logits, teacher_lprobs)
-        if isinstance(teacher_lprobs, TopKTeacher):
-            options.pop("release_teacher", None)  # the cache's [B, T, k] tensors are small
-            result = topk_loss_fn(student_logits, *teacher_lprobs, target, self.padding_idx,
-                                  **self.kd_loss_options, **options)
-        else:
-            result = loss_fn(student_logits, teacher_lprobs, target, self.padding_idx, teacher_normalized=True,
-                             **self.kd_loss_options, **options)
+        ids = None if distribution is None else self.agreement_ids(student_logits, distribution)
+        result = loss_fn(student_logits, distribution, target, self.padding_idx, **self.kd_loss_options(reference),
+                         **options)
         return result, (ids, target)
-
-    # -- the two teacher forms ---------------------------------------------------
 
     @staticmethod
     def teacher_distribution(sample, teacher):
-        """The teacher's distribution on ``sample``'s gold prefixes: ``[B, T, V]`` log-probabilities of a
-        live teacher, the batch's :class:`TopKTeacher` with a cached one, None without a teacher."""
-        if teacher is None:
-            return None
-        if isinstance(teacher, CachedTeacher):
-            return teacher.topk(sample)
-        return teacher(sample["net_input"])
+        """The teacher's :class:`~fairseq_kd.losses.teacher.TeacherDistribution` on ``sample``'s gold
+        prefixes (None without a teacher): the live teacher's log-probabilities or the batch's cached top-k."""
+        return None if teacher is None else teacher.distribution(sample["net_input"])
 
     def teacher_cache_error(self, manifest) -> Optional[str]:
         """Why this criterion cannot train from the teacher cache of ``manifest`` (None: it can)."""
@@ -171,15 +204,11 @@ class KDCriterion(FairseqCriterion):
         }
 
     @staticmethod
-    def agreement_ids(student_logits, teacher_lprobs):
-        """``(student argmax, teacher argmax)`` ``[B, T]`` for the top-1 agreement, by block maxima
-        (:func:`~fairseq_kd.losses.block_max.argmax_ids`); a cached teacher's argmax is its first top-k
-        id.  Taken before the loss: a live teacher's storage is reused by the KL (``release_teacher``)."""
-        if isinstance(teacher_lprobs, TopKTeacher):
-            teacher_ids = teacher_lprobs.ids[..., 0]
-        else:
-            teacher_ids = block_max.argmax_ids(teacher_lprobs)
-        return block_max.argmax_ids(student_logits.detach()), teacher_ids
+    def agreement_ids(student_logits, teacher):
+        """``(student argmax, teacher argmax)`` ``[B, T]`` for the top-1 agreement, the student's by block
+        maxima (:func:`~fairseq_kd.losses.block_max.argmax_ids`), the teacher's from its distribution
+        ``teacher``.  Taken before the loss: a live teacher's storage is reused by the KL (``release_teacher``)."""
+        return block_max.argmax_ids(student_logits.detach()), teacher.argmax()
 
     def add_agreement(self, logging_output, ids, target, key="kd"):
         """Top-1 agreement of the ``(student, teacher)`` argmaxes ``ids`` (:meth:`agreement_ids`), logged as
@@ -215,6 +244,14 @@ class KDCriterion(FairseqCriterion):
         metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("nll_loss", nll_sum / ntokens / math.log(2), ntokens, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        cls.reduce_kd_metrics(logging_outputs, ntokens)
+
+    @classmethod
+    def reduce_kd_metrics(cls, logging_outputs, ntokens) -> None:
+        """The :attr:`per_token_keys` (per one of ``ntokens`` tokens) and the :attr:`ratio_keys`."""
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
         for key in cls.per_token_keys:
             if any(key in log for log in logging_outputs):
                 metrics.log_scalar(key, total(key) / ntokens, ntokens, round=4)

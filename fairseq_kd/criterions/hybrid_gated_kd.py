@@ -16,10 +16,11 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
-from fairseq_kd.cache.dataset import CachedTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
+from fairseq_kd.losses.common import kd_mix
 from fairseq_kd.losses.passes import PassBackward
+from fairseq_kd.losses.teacher import DenseTeacher
 from fairseq_kd.modules import hybrid_gate
 from fairseq_kd.modules.hybrid_gate import GATES, SENT_TARGETS, TOKEN_PREFIXES, HybridGate
 from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right
@@ -93,6 +94,13 @@ class HybridGatedKDCriterion(KDCriterion):
             hybrid_gate.check_gate_state(self.state_dict(), state_dict, self.gate_kind)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @property
+    def runs_teacher_on_translation(self) -> bool:
+        """Whether the teacher decodes the translation y_hat (greedy online) or scores it (the token level on
+        teacher prefixes): then it must be the live teacher, whose encoder output the passes share."""
+        return ((self.use_token_level and self.token_prefix != "gold")
+                or (self.use_sentence_level and self.sent_target != "offline"))
+
     def teacher_cache_error(self, manifest):
         if self.use_token_level and self.token_prefix != "gold":
             return "the token level on teacher prefixes needs the live teacher: use --hybrid-token-prefix gold"
@@ -101,17 +109,17 @@ class HybridGatedKDCriterion(KDCriterion):
                     "offline (with --teacher-target-subset) or --gate fixed --gate-fixed-value 1")
         return None
 
-    def forward(self, model, sample, reduce=True, teacher=None, backward=None):
-        """``backward`` (from the task in training): the passes on y_hat and on gold, each backpropagated when formed."""
+    def forward(self, model, sample, reduce=True, teacher=None, backward=None, reference=True):
+        """``backward`` (from the task in training): the passes on y_hat and on gold, each backpropagated when
+        formed; ``reference=False`` (source-only rows): the gated term alone."""
         if teacher is None:  # validation
             return self.gold_forward(model, sample)
-        step, alpha, kind = PassBackward(backward), self.alpha, self.gate_kind
+        step, alpha, kind = PassBackward(backward), self.mix_alpha(reference), self.gate_kind
         net_input = sample["net_input"]
         token_on_gold = self.use_token_level and self.token_prefix == "gold"
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
         decoder_in = step.shared(encoder_out)  # what the student's passes read
-        cached = isinstance(teacher, CachedTeacher)  # then the token level is on gold prefixes only
-        teacher_encoder_out = None if cached else teacher.forward_encoder(net_input)
+        teacher_encoder_out = teacher.forward_encoder(net_input) if self.runs_teacher_on_translation else None
         logging_output, vocab, hyp_features = {}, None, None
         token_pos = token_mask = sent_pos = sent_mask = None  # per-position levels and their masks
         if self.use_sentence_level or self.token_prefix == "teacher":  # the student's pass on y_hat
@@ -120,15 +128,16 @@ class HybridGatedKDCriterion(KDCriterion):
                 self.use_token_level and not token_on_gold, logging_output)
         logits = hybrid_gate.gate_logits(self.gate, encoder_out, hyp_features)
         token_w, sent_w = hybrid_gate.level_weights(logits, self.fixed_gate)
-        token_pos, sent_pos = step(lambda: hybrid_gate.level_share(alpha, token_pos, token_w, kind)
-                                   + hybrid_gate.level_share(alpha, sent_pos, sent_w, kind), token_pos, sent_pos)
+        token_pos, sent_pos = step(lambda: kd_mix(None, hybrid_gate.level_share(token_pos, token_w, kind)
+                                                  + hybrid_gate.level_share(sent_pos, sent_w, kind), alpha),
+                                   token_pos, sent_pos)
 
         # gold target: the (1 - alpha) LS-NLL and the token level on gold prefixes; else logging only
         gold_token, gold_mask, gold_ls, gold_nll = self.gold_pass(
             model, teacher, teacher_encoder_out, sample, decoder_in, token_on_gold,
             torch.is_grad_enabled() and (alpha < 1 or token_on_gold), logging_output)
-        gold_token, gold_ls = step(lambda: hybrid_gate.level_share(alpha, gold_token, token_w, kind)
-                                   + (1.0 - alpha) * gold_ls, gold_token, gold_ls)
+        gold_token, gold_ls = step(lambda: kd_mix(gold_ls, hybrid_gate.level_share(gold_token, token_w, kind), alpha),
+                                   gold_token, gold_ls)
         if token_on_gold:
             token_pos, token_mask = gold_token, gold_mask
 
@@ -173,13 +182,14 @@ class HybridGatedKDCriterion(KDCriterion):
         pad = self.padding_idx
         hyp = self.sentence_target(sample, teacher, teacher_encoder_out, model)
         hyp_teacher = hyp.pop("teacher_lprobs")
-        hyp_teacher = hyp_teacher if token else None  # unused: freed here
+        hyp_teacher = DenseTeacher(hyp_teacher) if token and hyp_teacher is not None else None  # unused: freed
         hyp_logits, hyp_features = hybrid_gate.decode_student(model, hyp["prev_output_tokens"], encoder_out)
         token_pos = token_mask = sent_pos = sent_mask = None
         if token:
+            if hyp_teacher is None:
+                hyp_teacher = teacher.decoder_distribution(hyp["prev_output_tokens"], teacher_encoder_out)
             token_pos, token_mask, token_log = hybrid_gate.token_terms(
-                teacher, teacher_encoder_out, hyp["prev_output_tokens"], hyp_logits, hyp["target"], pad,
-                self.temperature, self.temperature_factor, teacher_lprobs=hyp_teacher)
+                hyp_teacher, hyp_logits, hyp["target"], pad, self.temperature, self.kd_scale)
             logging_output.update(token_log)
         if self.use_sentence_level:
             sent_pos, sent_mask, sent_log = hybrid_gate.sentence_terms(hyp_logits, hyp["target"], pad, self.eps)
@@ -192,16 +202,16 @@ class HybridGatedKDCriterion(KDCriterion):
         ``token``; LS-NLL; NLL)``, with gradients only when ``grad``; the token level's logging values go to
         ``logging_output``.  The teacher runs first, so its logits are gone before the student's exist."""
         prev, target, pad = sample["net_input"]["prev_output_tokens"], sample["target"], self.padding_idx
-        teacher_lprobs = None
-        if token:
-            cached = teacher_encoder_out is None  # the cache's top-k, else the live teacher's log-probabilities
-            teacher_lprobs = teacher.topk(sample) if cached else teacher.forward_decoder(prev, teacher_encoder_out)
+        distribution = None
+        if token:  # on the gold prefixes: the cached teacher, or the live one from its shared encoder output
+            distribution = (self.teacher_distribution(sample, teacher) if teacher_encoder_out is None
+                            else teacher.decoder_distribution(prev, teacher_encoder_out))
         logits, lprobs, gold_ls, gold_nll = hybrid_gate.gold_terms(model, prev, encoder_out, target, pad, self.eps, grad)
         if not token:
             return None, None, gold_ls, gold_nll
         token_pos, token_mask, token_log = hybrid_gate.token_terms(
-            teacher, teacher_encoder_out, prev, logits, target, pad, self.temperature, self.temperature_factor,
-            teacher_lprobs=teacher_lprobs, student_lprobs=lprobs if self.temperature == 1.0 else None,
+            distribution, logits, target, pad, self.temperature, self.kd_scale,
+            student_lprobs=lprobs if self.temperature == 1.0 else None,
         )
         logging_output.update(token_log)
         return token_pos, token_mask, gold_ls, gold_nll

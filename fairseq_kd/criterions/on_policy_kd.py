@@ -94,15 +94,6 @@ def data_parallel_position():
     return distributed_utils.get_data_parallel_rank(), distributed_utils.get_data_parallel_world_size()
 
 
-def refuse_fully_sharded(model) -> None:
-    for module in (model, getattr(model, "module", None)):
-        if module is not None and type(module).__name__ == "FullyShardedDataParallel":
-            raise DistillationError(
-                "on_policy_kd generates with the student's encoder and decoder outside the forward of "
-                "FullyShardedDataParallel (--ddp-backend fully_sharded), whose parameters are sharded there: "
-                "train with --ddp-backend legacy_ddp or pytorch_ddp")
-
-
 @torch.no_grad()
 def student_translation(model, net_input: Dict[str, Tensor], pad: int, eos: int, max_len_a: float = 1.2,
                         max_len_b: int = 10, max_positions: int = 1024, temperature: Optional[float] = None,
@@ -170,6 +161,7 @@ def mixed_sample(sample, rows: Tensor, generated: Tensor, pad: int, eos: int):
 
 @register_criterion("on_policy_kd", dataclass=OnPolicyKDConfig)
 class OnPolicyKDCriterion(WordKDCriterion):
+    training_state = True  # the random state: its call counter
     per_token_keys = ("kd_loss",)
     ratio_keys = WordKDCriterion.ratio_keys + (
         ("on_policy_rows", "rows", "on_policy_frac"), ("gen_tokens", "on_policy_rows", "gen_len"))
@@ -187,6 +179,7 @@ class OnPolicyKDCriterion(WordKDCriterion):
         if str(cfg.kd_topk_mode) != "all":
             raise DistillationError(f"--kd-topk-mode {cfg.kd_topk_mode} needs a gold token at every position, "
                                     f"which a generated row lacks: use word_kd for the ablations")
+        self.generates = cfg.on_policy_lambda > 0  # the task refuses fully_sharded then
         self.eos = task.target_dictionary.eos()
         self.calls = 0  # training forwards so far: the random state (kd_state_dict)
 
@@ -229,7 +222,6 @@ class OnPolicyKDCriterion(WordKDCriterion):
         on_policy = self.draw_rows(target.size(0), coins).to(target.device)
         if not bool(on_policy.any()):
             return sample, on_policy
-        refuse_fully_sharded(model)
         if sample["net_input"]["prev_output_tokens"][:, 0].eq(self.padding_idx).any():
             raise DistillationError("on_policy_kd needs right-padded targets; do not pass --left-pad-target")
         rows = on_policy.nonzero().squeeze(1)
@@ -241,13 +233,13 @@ class OnPolicyKDCriterion(WordKDCriterion):
             max_decoder_positions(model, teacher), None if greedy else self.cfg.on_policy_temperature, sampler)
         return mixed_sample(sample, rows, generated, self.padding_idx, self.eos), on_policy
 
-    def forward(self, model, sample, reduce=True, teacher=None):
+    def forward(self, model, sample, reduce=True, teacher=None, reference=True):
         if teacher is None:  # validation: the LS-NLL of the gold target
             return self.gold_forward(model, sample)
         sample, on_policy = self.on_policy_sample(model, sample, teacher)
         supervised = None if not bool(on_policy.any()) else ~on_policy
         (loss, nll_loss, kd_loss), (ids, target) = self.teacher_forced_kd(
-            model, sample, teacher, losses.word_kd_loss, None, release_teacher=True, supervised=supervised,
+            model, sample, teacher, losses.word_kd_loss, reference, release_teacher=True, supervised=supervised,
             **self.divergence_options)
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, ids, target)
         row_tokens = target.ne(self.padding_idx).sum(dim=1)
@@ -274,10 +266,4 @@ class OnPolicyKDCriterion(WordKDCriterion):
         if gold > 0:
             metrics.log_scalar("nll_loss", total("nll_loss") / gold / math.log(2), gold, round=3)
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
-        for key in cls.per_token_keys:
-            if any(key in log for log in logging_outputs):
-                metrics.log_scalar(key, total(key) / ntokens, ntokens, round=4)
-        for count_key, total_key, name in cls.ratio_keys:
-            denominator = total(total_key)
-            if denominator > 0:
-                metrics.log_scalar(name, total(count_key) / denominator, denominator, round=4)
+        cls.reduce_kd_metrics(logging_outputs, ntokens)

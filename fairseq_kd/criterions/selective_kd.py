@@ -31,8 +31,6 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
 from fairseq_kd import losses
-from fairseq_kd.losses import common
-from fairseq_kd.cache.dataset import TopKTeacher
 from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
 
@@ -63,6 +61,7 @@ class SelectiveKDConfig(KDCriterionConfig):
 
 @register_criterion("selective_kd", dataclass=SelectiveKDConfig)
 class SelectiveKDCriterion(KDCriterion):
+    training_state = True  # the global_level queue
     ratio_keys = KDCriterion.ratio_keys + (("kd_selected", "kd_tokens", "kd_selected_frac"),)
 
     def __init__(self, task, cfg: SelectiveKDConfig):
@@ -87,18 +86,23 @@ class SelectiveKDCriterion(KDCriterion):
         history = state.get("selective_history")
         self.history = None if history is None else history[-self.cfg.selective_queue_size:].float()
 
-    def push_history(self, difficulty):
+    def push_history(self, difficulty, keep: bool = True):
+        """The queue with ``difficulty`` appended (what the threshold is taken over); kept only with ``keep``."""
         new = difficulty.detach().float()
         history = new if self.history is None else torch.cat([self.history.to(new.device), new])
-        self.history = history[-self.cfg.selective_queue_size:]
-        return self.history
+        history = history[-self.cfg.selective_queue_size:]
+        if keep:
+            self.history = history
+        return history
 
     def teacher_cache_error(self, manifest):
         return None  # the selected tokens' KL is taken on the teacher's top-k + tail buckets
 
-    def forward(self, model, sample, reduce=True, teacher=None):
+    def forward(self, model, sample, reduce=True, teacher=None, reference=True):
+        """``reference=False`` (source-only rows): the selected tokens' KL alone, no NLL of the prefixes
+        (they are no reference), and the queue is left as it is."""
         # the teacher first: its logits are freed before the student's exist
-        teacher_lprobs = self.teacher_distribution(sample, teacher)
+        distribution = self.teacher_distribution(sample, teacher)
         student_logits, target = self.student_forward(model, sample)
         lprobs = losses.log_probs(student_logits)  # one log-softmax for the NLL and the difficulty
         loss, nll_loss = self.label_smoothed(lprobs, target)
@@ -109,17 +113,14 @@ class SelectiveKDCriterion(KDCriterion):
         mask = losses.non_pad_mask(target, self.padding_idx)
         student_lprobs = lprobs if self.temperature == 1.0 else losses.log_probs(student_logits, self.temperature)
         difficulty = -lprobs.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        history = self.push_history(difficulty[mask]) if self.global_level else None
+        history = self.push_history(difficulty[mask], keep=reference) if self.global_level else None
         selected = losses.select_hard_tokens(difficulty, mask, self.cfg.selective_ratio, history)
-        ids = self.agreement_ids(student_logits, teacher_lprobs)  # before the KL reuses the teacher's storage
-        if isinstance(teacher_lprobs, TopKTeacher):
-            kd_loss = losses.topk_divergence(student_lprobs, *teacher_lprobs, selected).sum()
-        else:  # the KL on the selected positions only (KL(p_t || p_s), chunked)
-            kd_loss = common.pair_divergence(
-                common.teacher_log_probs(teacher_lprobs, self.temperature, normalized=True), student_lprobs,
-                selected, rows=selected.reshape(-1).nonzero().squeeze(1), overwrite_p=True,
-            ).sum()
-        loss = loss + self.alpha * self.temperature_factor * kd_loss
+        ids = self.agreement_ids(student_logits, distribution)  # before the KL reuses the teacher's storage
+        # KL(p_t || p_s) on the selected positions only
+        kd_loss = distribution.divergence(student_lprobs, selected, "kl", self.temperature, release=True,
+                                          rows=selected.reshape(-1).nonzero().squeeze(1)).sum()
+        loss = losses.kd_mix(loss if reference else None, kd_loss, self.mix_alpha(reference), self.kd_scale,
+                             ls_weight=1.0)
         logging_output.update(loss=loss.data, kd_loss=kd_loss.data, kd_selected=selected.sum())
         self.add_agreement(logging_output, ids, target)
         return loss, self.sample_size(sample), logging_output

@@ -124,10 +124,11 @@ class SelfEvolutionKDCriterion(KDCriterion):
     def teacher_cache_error(self, manifest):
         return None  # gold, prior and proxy are formed on the teacher's top-k + tail buckets
 
-    def forward(self, model, sample, reduce=True, teacher=None):
+    def forward(self, model, sample, reduce=True, teacher=None, reference=True):
+        """``reference=False`` (source-only rows): the Self-Evolution term alone, no NLL term."""
         (loss, nll_loss, terms), tensors = self.teacher_forced_kd(
-            model, sample, teacher, losses.self_evolution_kd_loss, losses.self_evolution_kd_topk_loss,
-            nll_weight=self.cfg.sekd_nll_weight, release_teacher=True, **self.sekd_options,
+            model, sample, teacher, losses.self_evolution_kd_loss, reference,
+            nll_weight=self.cfg.sekd_nll_weight if reference else 0.0, release_teacher=True, **self.sekd_options,
         )
         kd_loss = terms.kd_loss if terms is not None else None
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)

@@ -75,17 +75,16 @@ class SeqKDCriterion(KDCriterion):
         net_input = dict(sample["net_input"], prev_output_tokens=sample["teacher_prev_output_tokens"])
         student_logits = model(**net_input)[0]
         teacher_target = sample["teacher_target"]
-        teacher_lprobs = teacher(net_input) if teacher is not None and self.alpha > 0 else None
+        distribution = teacher.distribution(net_input) if teacher is not None and self.alpha > 0 else None
         # before the KL reuses the teacher's storage
-        ids = None if teacher_lprobs is None else self.agreement_ids(student_logits, teacher_lprobs)
+        ids = None if distribution is None else self.agreement_ids(student_logits, distribution)
         loss, nll_loss, kd_loss = losses.word_kd_loss(
             student_logits,
-            teacher_lprobs,
+            distribution,
             teacher_target,
             self.padding_idx,
-            teacher_normalized=True,
             release_teacher=True,
-            **self.kd_loss_options,
+            **self.kd_loss_options(),
         )
         ntokens = sample["teacher_ntokens"]
         sample_size = teacher_target.size(0) if self.sentence_avg else ntokens

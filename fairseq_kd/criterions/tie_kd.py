@@ -18,10 +18,8 @@ from fairseq.logging import metrics
 from torch import Tensor
 
 from fairseq_kd import losses
-from fairseq_kd.cache.dataset import CachedTeacher
-from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig, check_data_parallel
+from fairseq_kd.criterions.base import KDCriterion, KDCriterionConfig
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.losses import next_prefix  # noqa: F401  (re-exported)
 from fairseq_kd.losses.block_max import argmax_ids
 from fairseq_kd.losses.common import agreement_from_ids
 from fairseq_kd.losses.ranking import shift_predictions
@@ -75,7 +73,7 @@ class TieKDCriterion(KDCriterion):
         self.pad_replacement = None if cfg.tie_keep_pad_predictions else task.target_dictionary.unk()
 
     def decoding_passes(self, model, net_input, teacher, argmaxes=None, shared=None) -> Iterator[Tuple[Tensor, ...]]:
-        """Yield ``(prev_output_tokens, student_logits, teacher_lprobs)`` for the ``N`` passes; both
+        """Yield ``(prev_output_tokens, student_logits, teacher distribution)`` for the ``N`` passes; both
         encoders run once, the student's decoder reads ``shared(encoder_out)`` when given.  With
         ``argmaxes`` the caller appends each pass's ``(student, teacher)`` argmaxes to it, and the
         next prefix reuses the student's (no logits are held here)."""
@@ -92,9 +90,9 @@ class TieKDCriterion(KDCriterion):
                 prev = shift_predictions(prev, predictions, self.padding_idx, self.pad_replacement)
             if argmaxes is None:
                 student_logits = model.decoder(prev, encoder_out=encoder_out)[0]
-                yield prev, student_logits, teacher.forward_decoder(prev, teacher_encoder_outs)
+                yield prev, student_logits, teacher.decoder_distribution(prev, teacher_encoder_outs)
             else:  # nothing of the pass stays referenced here while the caller uses (and frees) it
-                yield prev, model.decoder(prev, encoder_out=encoder_out)[0], teacher.forward_decoder(
+                yield prev, model.decoder(prev, encoder_out=encoder_out)[0], teacher.decoder_distribution(
                     prev, teacher_encoder_outs)
 
     def teacher_cache_error(self, manifest):
@@ -105,41 +103,40 @@ class TieKDCriterion(KDCriterion):
             return f"--tie-topk {self.topk} exceeds the cache's k = {manifest['k']}: rebuild it with --k {self.topk}"
         return None
 
-    def forward(self, model, sample, reduce=True, teacher=None, backward=None):
-        """``backward`` (from the task in training): each pass's loss is backpropagated when formed."""
+    def forward(self, model, sample, reduce=True, teacher=None, backward=None, reference=True):
+        """``backward`` (from the task in training): each pass's loss is backpropagated when formed;
+        ``reference=False`` (source-only rows): the KL + ranking term alone."""
         if teacher is None:
             return self.gold_forward(model, sample)
-        step = losses.PassBackward(backward)
-        if isinstance(teacher, CachedTeacher):  # --tie-iterations 1: the gold pass, bucketed KL, exact ranking
-            topk = teacher.topk(sample)
+        alpha = self.mix_alpha(reference)
+        step, options = losses.PassBackward(backward), dict(topk=self.topk, ranking=self.ranking,
+                                                            log_epsilon=self.log_epsilon)
+        if self.iterations == 1:  # the gold pass alone, from either teacher (a cached one's KL on its buckets)
+            distribution = self.teacher_distribution(sample, teacher)
             student_logits, target = self.student_forward(model, sample)
-            ls_loss, nll_loss = losses.label_smoothed_nll(student_logits, target, self.padding_idx, self.eps)
-            kl, rank = losses.tie_kd_topk_terms(student_logits, *topk, target, self.padding_idx, topk=self.topk,
-                                                ranking=self.ranking, log_epsilon=self.log_epsilon)
-            argmaxes = [(argmax_ids(student_logits.detach()), topk.ids[..., 0])]
-            return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], argmaxes, step)
-        check_data_parallel(model, "tie_kd")
+            kl, rank, ls_loss, nll_loss, ids = losses.tie_kd_iteration(
+                student_logits, distribution, target, self.padding_idx, self.eps, **options)
+            return self.finish(sample, target, ls_loss, nll_loss, [kl], [rank], [ids], alpha, step)
         target, pad, n = sample["target"], self.padding_idx, 0
         kl_sums, rank_sums, argmaxes = [], [], []  # argmaxes: per pass, computed once
         passes = self.decoding_passes(model, sample["net_input"], teacher, argmaxes, step.shared)
-        for _, student_logits, teacher_lprobs in passes:  # no enumerate: it would hold the last pass's tensors
+        for _, student_logits, distribution in passes:  # no enumerate: it would hold the last pass's tensors
             n += 1
             kl, rank, ls, nll, ids = losses.tie_kd_iteration(
-                student_logits, teacher_lprobs, target, pad, self.eps if n == 1 else None, topk=self.topk,
-                ranking=self.ranking, log_epsilon=self.log_epsilon)
-            del student_logits, teacher_lprobs  # read no more (backward reuses the teacher's storage)
-            kl, rank, ls, nll = step(lambda: losses.tie_kd_pass_loss(kl, rank, self.alpha, self.iterations, ls),
+                student_logits, distribution, target, pad, self.eps if n == 1 else None, **options)
+            del student_logits, distribution  # read no more (backward reuses the teacher's storage)
+            kl, rank, ls, nll = step(lambda: losses.tie_kd_pass_loss(kl, rank, alpha, self.iterations, ls),
                                      kl, rank, ls, nll)  # ls, nll: on the gold pass only
             ls_loss, nll_loss = (ls, nll) if n == 1 else (ls_loss, nll_loss)
             kl_sums.append(kl)
             rank_sums.append(rank)
             argmaxes.append(ids)
-        return self.finish(sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, step)
+        return self.finish(sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, alpha, step)
 
-    def finish(self, sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, step=None):
+    def finish(self, sample, target, ls_loss, nll_loss, kl_sums, rank_sums, argmaxes, alpha, step=None):
         """The summed loss and the logging output; ``argmaxes``: per pass, the (student, teacher) argmaxes."""
         pad = self.padding_idx
-        loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, self.alpha)
+        loss, kd_loss, rank_loss = losses.tie_kd_loss(ls_loss, kl_sums, rank_sums, alpha)
         loss = step.finish(loss) if step is not None else loss
 
         logging_output = self.base_logging_output(sample, loss, nll_loss)

@@ -62,11 +62,9 @@ class WordKDCriterion(KDCriterion):
                 f"and rkl (B -> 1)")
 
     @property
-    def loss_functions(self):
-        """(live, cached) losses: the top-1 ablations (--kd-topk-mode) need the full teacher distribution."""
-        if str(self.cfg.kd_topk_mode) == "all":
-            return losses.word_kd_loss, losses.word_kd_topk_loss
-        return word_kd_ablation_loss, None
+    def loss_function(self):
+        """Word-KD, or its top-1 ablations (--kd-topk-mode; they need the full teacher distribution)."""
+        return losses.word_kd_loss if str(self.cfg.kd_topk_mode) == "all" else word_kd_ablation_loss
 
     @property
     def ablation(self):
@@ -84,9 +82,9 @@ class WordKDCriterion(KDCriterion):
         return dict(divergence=str(self.cfg.kd_divergence), skew_lambda=self.cfg.skew_lambda,
                     jsd_beta=self.cfg.jsd_beta)
 
-    def forward(self, model, sample, reduce=True, teacher=None):
+    def forward(self, model, sample, reduce=True, teacher=None, reference=True):
         (loss, nll_loss, kd_loss), tensors = self.teacher_forced_kd(
-            model, sample, teacher, *self.loss_functions, **self.divergence_options, **self.ablation,
+            model, sample, teacher, self.loss_function, reference, **self.divergence_options, **self.ablation,
         )
         logging_output = self.kd_logging_output(sample, loss, nll_loss, kd_loss, *tensors)
         return loss, self.sample_size(sample), logging_output

@@ -9,7 +9,12 @@ live in one module per method family and are all re-exported here, so
 module                 owns
 =====================  =======================================================
 ``common``             softmaxes, pad mask, label-smoothed NLL (summed, per
-                       position, its floor), ``log_mean_exp``, top-1 agreement
+                       position, its floor), the KD mix (:func:`kd_mix`),
+                       ``log_mean_exp``, top-1 agreement
+``teacher``            :class:`TeacherDistribution`, the one form every KD
+                       objective reads the teacher in: :class:`DenseTeacher`
+                       (live, ensemble), :class:`TopKTeacher` (the cache)
+``topk``               the cache's ``k + 1`` buckets (teacher, student, gold)
 ``chunked``            the chunked per-position reductions every divergence
                        is computed with (``pair_divergence``, ``chunked_rows``)
 ``divergences``        KL, reverse KL, skew KL / skew reverse KL, generalized
@@ -43,7 +48,8 @@ Conventions (those of fairseq's criterions):
 
 from fairseq_kd.losses.block_max import argmax_ids, topk_ids
 from fairseq_kd.losses.common import (
-    _xlogy_ratio,
+    kd_mix,
+    kd_scale,
     label_smoothed_nll,
     label_smoothed_nll_from_logits,
     label_smoothed_nll_per_position,
@@ -71,14 +77,15 @@ from fairseq_kd.losses.gate import (
     gate_objective,
     gated_mixture,
 )
+from fairseq_kd.losses.passes import PassBackward
 from fairseq_kd.losses.ranking import (
     TIE_KD_LOG_EPSILON,
     floored_kl_from_probs,
     hierarchical_ranking,
     hierarchical_ranking_from_probs,
     next_prefix,
-    tie_kd_kl,
     tie_kd_iteration,
+    tie_kd_kl,
     tie_kd_loss,
     tie_kd_pass_loss,
     tie_kd_terms,
@@ -103,85 +110,32 @@ from fairseq_kd.losses.self_evolution import (
     self_evolution_kd,
     self_evolution_kd_loss,
 )
+from fairseq_kd.losses.teacher import DenseTeacher, TeacherDistribution, TopKTeacher
+from fairseq_kd.losses.topk import bucket_target, student_buckets, teacher_buckets, topk_with_tail
 
 __all__ = [
+    "argmax_ids", "topk_ids",
     # common
-    "log_probs",
-    "probs",
-    "non_pad_mask",
-    "nll_from_log_probs",
-    "label_smoothed_nll",
-    "label_smoothed_nll_per_position",
-    "label_smoothed_nll_from_logits",
-    "label_smoothing_floor",
-    "log_mean_exp",
-    "top1_agreement",
+    "log_probs", "probs", "non_pad_mask", "nll_from_log_probs", "label_smoothed_nll",
+    "label_smoothed_nll_per_position", "label_smoothed_nll_from_logits", "label_smoothing_floor", "kd_mix",
+    "kd_scale", "log_mean_exp", "top1_agreement",
     # divergences
-    "DIVERGENCES",
-    "kl_from_log_probs",
-    "kl_divergence",
-    "word_kd_loss",
-    "reverse_kl_from_log_probs",
-    "skew_kl_from_log_probs",
-    "jsd_from_log_probs",
-    "divergence_from_log_probs",
+    "DIVERGENCES", "kl_from_log_probs", "kl_divergence", "word_kd_loss", "reverse_kl_from_log_probs",
+    "skew_kl_from_log_probs", "jsd_from_log_probs", "divergence_from_log_probs",
+    # the teacher's distribution and the cache's buckets
+    "TeacherDistribution", "DenseTeacher", "TopKTeacher", "bucket_target", "student_buckets", "teacher_buckets",
+    "topk_with_tail",
     # ranking
-    "TIE_KD_LOG_EPSILON",
-    "floored_kl_from_probs",
-    "tie_kd_kl",
-    "hierarchical_ranking_from_probs",
-    "hierarchical_ranking",
-    "tie_kd_terms",
-    "tie_kd_iteration",
-    "tie_kd_loss",
-    "tie_kd_pass_loss",
-    "next_prefix",
+    "TIE_KD_LOG_EPSILON", "floored_kl_from_probs", "tie_kd_kl", "hierarchical_ranking_from_probs",
+    "hierarchical_ranking", "tie_kd_terms", "tie_kd_iteration", "tie_kd_loss", "tie_kd_pass_loss", "next_prefix",
     # self_evolution
-    "SEKD_HARD_CRITERIA",
-    "SEKD_LAMBDA_MODES",
-    "SEKD_DIVERGENCES",
-    "SEKD_PRIOR_SIDES",
-    "SEKDTerms",
-    "gold_teacher_log_mixture",
-    "log_convex_mixture",
-    "sekd_hard_mask",
-    "sekd_ratios",
-    "sekd_divergence",
-    "self_evolution_kd",
-    "self_evolution_kd_loss",
+    "SEKD_HARD_CRITERIA", "SEKD_LAMBDA_MODES", "SEKD_DIVERGENCES", "SEKD_PRIOR_SIDES", "SEKDTerms",
+    "gold_teacher_log_mixture", "log_convex_mixture", "sekd_hard_mask", "sekd_ratios", "sekd_divergence",
+    "self_evolution_kd", "self_evolution_kd_loss",
     # gate
-    "gated_mixture",
-    "bernoulli_kl_from_logits",
-    "gate_objective",
-    "gate_equilibrium",
+    "gated_mixture", "bernoulli_kl_from_logits", "gate_objective", "gate_equilibrium",
     # selection
-    "legacy_label_smoothed_nll",
-    "legacy_nll_from_log_probs",
-    "selection_threshold",
-    "select_hard_tokens",
+    "legacy_label_smoothed_nll", "legacy_nll_from_log_probs", "selection_threshold", "select_hard_tokens",
+    # passes
+    "PassBackward",
 ]
-
-from fairseq_kd.losses.passes import PassBackward  # noqa: E402
-
-__all__ += ["PassBackward"]
-
-# top-k teacher (offline cache): the teacher's k tokens plus one tail bucket
-from fairseq_kd.losses.topk import (  # noqa: E402
-    bucket_target,
-    hierarchical_ranking_topk,
-    self_evolution_kd_topk,
-    self_evolution_kd_topk_loss,
-    student_buckets,
-    teacher_buckets,
-    tie_kd_topk_terms,
-    topk_divergence,
-    topk_with_tail,
-    word_kd_topk_loss,
-)
-
-__all__ += [
-    "bucket_target", "hierarchical_ranking_topk", "self_evolution_kd_topk", "self_evolution_kd_topk_loss",
-    "student_buckets", "teacher_buckets", "tie_kd_topk_terms", "topk_divergence", "topk_with_tail",
-    "word_kd_topk_loss",
-]
-__all__ += ["argmax_ids", "topk_ids"]

@@ -1,35 +1,17 @@
-"""Shared helpers of the loss functions: softmaxes, the pad mask, the
-label-smoothed NLL (summed and per position), its floor, the ``0 * log 0``
-convention, the ensemble average in log space and the top-1 agreement.  The
-chunked per-position reductions every divergence is computed with
-(:func:`pair_divergence`, :func:`chunked_rows`) live in
-:mod:`fairseq_kd.losses.chunked` and are re-exported here.
-
-Conventions (those of fairseq's criterions), followed by every module of
-:mod:`fairseq_kd.losses`:
-
-* ``student_logits`` and ``teacher_logits`` are ``[B, T, V]`` scores before the
-  softmax; ``target`` is ``[B, T]`` token ids, right-padded with ``padding_idx``.
-* Every loss is a **sum** over the non-pad target positions (EOS included);
-  the trainer divides by ``sample_size`` (the number of target tokens).
-* Softmaxes are taken in float32 when the input is half or bfloat16 (as
-  fairseq's ``utils.log_softmax`` does under ``--fp16``).
-* A teacher "logit" may equally be a log-probability (for instance the
-  log-space average of an ensemble): ``log_softmax`` of a log-distribution is
-  the distribution itself, so every function accepts either.
+"""Shared helpers of the loss functions: softmaxes, the pad mask, the label-smoothed NLL (summed and per
+position), its floor, the KD mix, the ``0 * log 0`` convention, the ensemble average in log space and the
+top-1 agreement.  The conventions every module of :mod:`fairseq_kd.losses` follows are in its package
+docstring.
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# the chunked reductions live in their own module; re-exported here, where every loss module imports them from
-from fairseq_kd.losses.chunked import (  # noqa: F401
-    _chunks, _flat, _pair_rows, chunk_rows, chunked_rows, pair_divergence,
-)
+from fairseq_kd.losses.chunked import _chunks, _flat, chunk_rows
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -147,6 +129,24 @@ def label_smoothed_nll_from_logits(
     ``log_probs(logits)`` (the same values), differentiable in ``loss`` only: saves one
     ``[B, T, V]`` tensor, in whose storage backward builds the logits' gradient."""
     return _LabelSmoothedNLLFromLogits.apply(logits, target, padding_idx, epsilon)
+
+
+def kd_scale(temperature: float = 1.0, temperature_scale: bool = True) -> float:
+    """The factor ``s`` of the KD term: ``tau^2`` when ``temperature_scale`` (Hinton et al.'s convention,
+    which keeps gradient magnitudes comparable across temperatures), else 1."""
+    return temperature**2 if temperature_scale else 1.0
+
+
+def kd_mix(ls_loss: Optional[Tensor], kd_loss, alpha: float, scale: float = 1.0, ls_weight: Optional[float] = None):
+    """The KD criterions' combination ``(1 - alpha) * LS + alpha * s * KD`` (``s = scale``, :func:`kd_scale`).
+
+    ``ls_weight`` replaces ``1 - alpha`` as the LS term's weight (Selective KD's ``LS + alpha * KD``); the LS
+    term is left out when ``ls_loss`` is None (a decoder pass that has none) or its weight is ``1 - 1``."""
+    kd = alpha * scale * kd_loss
+    weight = 1.0 - alpha if ls_weight is None else ls_weight
+    if ls_loss is None or (ls_weight is None and alpha == 1.0):
+        return kd
+    return weight * ls_loss + kd
 
 
 def label_smoothing_floor(epsilon: float, vocab_size: int) -> float:

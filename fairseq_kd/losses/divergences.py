@@ -21,15 +21,8 @@ import torch
 from torch import Tensor
 
 from fairseq_kd.losses.chunked import _chunks, _flat, check_not_released, chunk_rows
-from fairseq_kd.losses.common import (
-    _xlogy_ratio,
-    chunked_rows,
-    log_probs,
-    nll_from_log_probs,
-    non_pad_mask,
-    pair_divergence,
-    teacher_log_probs,
-)
+from fairseq_kd.losses.chunked import chunked_rows, pair_divergence
+from fairseq_kd.losses.common import _xlogy_ratio, kd_mix, kd_scale, log_probs, nll_from_log_probs, non_pad_mask
 
 
 #: ``kl``: KL(p_t || p_s) (mode-covering, Word-KD); ``rkl``: KL(p_s || p_t)
@@ -40,15 +33,16 @@ DIVERGENCES = ("kl", "rkl", "skl", "srkl", "jsd")
 
 
 def kl_from_log_probs(
-    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, release_teacher: bool = False
+    student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, release_teacher: bool = False,
+    rows: Optional[Tensor] = None,
 ) -> Tensor:
     """Per-position ``KL(p_t || p_s)`` (``[B, T]``, zero where ``mask`` is False).
 
     ``0 * log 0 = 0``: a teacher that puts exactly zero mass on a token (-inf
     log-probability) does not turn the sum into NaN.  ``release_teacher``: the
     (gradient-free) teacher tensor is not read after backward, which then builds
-    the student's gradient in its storage (see :func:`pair_divergence`)."""
-    return pair_divergence(teacher_lprobs, student_lprobs, mask, "kl", overwrite_p=release_teacher)
+    the student's gradient in its storage (see :func:`pair_divergence`, as ``rows``)."""
+    return pair_divergence(teacher_lprobs, student_lprobs, mask, "kl", rows=rows, overwrite_p=release_teacher)
 
 
 def kl_divergence(
@@ -74,7 +68,7 @@ def kl_divergence(
 
 def word_kd_loss(
     student_logits: Tensor,
-    teacher_logits: Optional[Tensor],
+    teacher,
     target: Tensor,
     padding_idx: int,
     epsilon: float,
@@ -83,47 +77,34 @@ def word_kd_loss(
     temperature_scale: bool = True,
     divergence: str = "kl",
     skew_lambda: float = 0.1,
-    teacher_normalized: bool = False,
     release_teacher: bool = False,
     jsd_beta: float = 0.5,
     supervised: Optional[Tensor] = None,
 ):
-    """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * D(p_t^tau, p_s^tau)``.
+    """Word-level KD: ``(1 - alpha) * LS-NLL + alpha * s * D(p_t^tau, p_s^tau)`` (:func:`~fairseq_kd.losses.common.kd_mix`).
 
-    ``D`` is the forward KL by default; ``divergence`` selects another member
-    of :data:`DIVERGENCES` (see :func:`divergence_from_log_probs`).
-    ``s = tau^2`` when ``temperature_scale`` (Hinton et al.'s convention, which
-    keeps gradient magnitudes comparable across temperatures) and 1 otherwise.
-    The student's log-softmax is computed once and shared by both terms when
-    ``tau == 1``; ``teacher_normalized`` says ``teacher_logits`` already are
-    normalised log-probabilities (the live teacher's output), which are then
-    used as they are at ``tau == 1``; ``release_teacher`` lets backward reuse
-    their storage (forward KL; see :func:`kl_from_log_probs`); ``jsd_beta`` is
-    the B of ``divergence="jsd"``.  ``supervised`` (``[B]`` booleans, default all
-    True) names the rows whose target is a reference (gold or Seq-KD): the
-    LS-NLL is summed over those rows only, the divergence over every row
-    (``on_policy_kd``'s student-generated rows have no reference to smooth).
-    Returns ``(loss, nll_loss, kd_loss)`` sums;
-    ``kd_loss`` is the unscaled divergence sum (``None`` without a teacher, in
-    which case ``loss`` is the plain LS-NLL).
+    ``teacher`` is a :class:`~fairseq_kd.losses.teacher.TeacherDistribution` (the live teacher's
+    log-probabilities or the cache's top-k) or None.  ``D`` is the forward KL by default; ``divergence``
+    selects another member of :data:`DIVERGENCES` (see :func:`divergence_from_log_probs`), ``skew_lambda``
+    and ``jsd_beta`` parametrise them; ``s = tau^2`` when ``temperature_scale``, else 1.  The student's
+    log-softmax is computed once and shared by both terms when ``tau == 1``; ``release_teacher`` lets
+    backward reuse the teacher's storage (forward KL; see :func:`kl_from_log_probs`).  ``supervised``
+    (``[B]`` booleans, default all True) names the rows whose target is a reference (gold or Seq-KD): the
+    LS-NLL is summed over those rows only, the divergence over every row (``on_policy_kd``'s
+    student-generated rows have no reference to smooth).  Returns ``(loss, nll_loss, kd_loss)`` sums;
+    ``kd_loss`` is the unscaled divergence sum (``None`` without a teacher, in which case ``loss`` is the
+    plain LS-NLL).
     """
     student_lprobs = log_probs(student_logits)
     nll_target = target if supervised is None else target.masked_fill(~supervised.unsqueeze(-1), padding_idx)
     ls_loss, nll_loss = nll_from_log_probs(student_lprobs, nll_target, padding_idx, epsilon)
-    if teacher_logits is None:
+    if teacher is None:
         return ls_loss, nll_loss, None
     mask = non_pad_mask(target, padding_idx)
-    if temperature == 1.0:
-        student_soft = student_lprobs
-    else:
-        student_soft = log_probs(student_logits, temperature)
-    kd_loss = divergence_from_log_probs(
-        student_soft, teacher_log_probs(teacher_logits, temperature, teacher_normalized), mask, divergence,
-        skew_lambda, release_teacher, jsd_beta,
-    ).sum()
-    scale = temperature**2 if temperature_scale else 1.0
-    loss = (1.0 - alpha) * ls_loss + alpha * scale * kd_loss
-    return loss, nll_loss, kd_loss
+    student_soft = student_lprobs if temperature == 1.0 else log_probs(student_logits, temperature)
+    kd_loss = teacher.divergence(student_soft, mask, divergence, temperature, skew_lambda, jsd_beta,
+                                 release_teacher).sum()
+    return kd_mix(ls_loss, kd_loss, alpha, kd_scale(temperature, temperature_scale)), nll_loss, kd_loss
 
 
 def reverse_kl_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor) -> Tensor:
@@ -230,13 +211,15 @@ def jsd_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Ten
 
 def divergence_from_log_probs(
     student_lprobs: Tensor, teacher_lprobs: Tensor, mask: Tensor, divergence: str = "kl", skew_lambda: float = 0.1,
-    release_teacher: bool = False, jsd_beta: float = 0.5,
+    release_teacher: bool = False, jsd_beta: float = 0.5, rows: Optional[Tensor] = None,
 ) -> Tensor:
     """Per-position divergence ``[B, T]`` named by ``divergence`` (:data:`DIVERGENCES`);
-    ``release_teacher`` is that of :func:`kl_from_log_probs` (used by ``kl`` only); ``skew_lambda``
+    ``release_teacher`` and ``rows`` are those of :func:`kl_from_log_probs` (``kl`` only); ``skew_lambda``
     parametrises ``skl``/``srkl``, ``jsd_beta`` ``jsd``."""
     if divergence == "kl":
-        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
+        return kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher, rows)
+    if rows is not None:
+        raise ValueError(f"rows restricts the kl divergence only, not {divergence!r}")
     if divergence == "rkl":
         return reverse_kl_from_log_probs(student_lprobs, teacher_lprobs, mask)
     if divergence in ("skl", "srkl"):

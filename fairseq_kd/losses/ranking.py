@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from fairseq_kd.losses.block_max import argmax_ids, topk_ids
-from fairseq_kd.losses.common import log_probs, nll_from_log_probs, non_pad_mask, pair_divergence, teacher_log_probs
+from fairseq_kd.losses.chunked import pair_divergence
+from fairseq_kd.losses.common import kd_mix, log_probs, nll_from_log_probs, non_pad_mask
 from fairseq_kd.losses.divergences import kl_from_log_probs
+from fairseq_kd.losses.teacher import DenseTeacher
 
 
 #: floor added inside the logarithms of TIE-KD's KL by the reference code
@@ -102,19 +104,22 @@ def hierarchical_ranking_from_probs(student_probs: Tensor, teacher_probs: Tensor
     return _ranking_terms(teacher_top, student_top, student_at_teacher, teacher_at_student)
 
 
-def hierarchical_ranking_from_log_probs(student_lprobs: Tensor, teacher_lprobs: Tensor, topk: int) -> Tensor:
-    """:func:`hierarchical_ranking_from_probs` of ``exp(student_lprobs)`` and
-    ``exp(teacher_lprobs)``: the top-k of the log-probabilities are those of the
-    probabilities (found by :func:`~fairseq_kd.losses.block_max.topk_ids`), and only
-    the gathered ``[B, T, k]`` values are exponentiated."""
+def hierarchical_ranking_from_teacher(student_lprobs: Tensor, teacher, topk: int) -> Tensor:
+    """:func:`hierarchical_ranking_from_probs` of ``exp(student_lprobs)`` and the teacher's distribution
+    (a :class:`~fairseq_kd.losses.teacher.TeacherDistribution`: its top ``topk`` tokens and its probabilities
+    at the student's, only compared with each other, so a cached teacher's top-k decides every test as the
+    full teacher does, ties at the k-th value aside).  The student's top-k are those of its log-probabilities
+    (:func:`~fairseq_kd.losses.block_max.topk_ids`) and only the gathered ``[B, T, k]`` values are
+    exponentiated."""
     vocab = student_lprobs.size(-1)
     if not 1 <= topk <= vocab:
         raise ValueError(f"topk must be in [1, {vocab}] (the vocabulary size), got {topk}")
-    ids = torch.cat([topk_ids(teacher_lprobs, topk), topk_ids(student_lprobs, topk)], dim=-1)  # t_i, s_j
-    # one gather per side: the student's backward scatters into a single full-size gradient
-    teacher_top, teacher_at_student = teacher_lprobs.gather(-1, ids).exp().split(topk, dim=-1)
+    teacher_ids, teacher_top = teacher.top(topk)  # t_i, log p_t(t_i)
+    student_ids = topk_ids(student_lprobs, topk)  # s_j
+    # one gather: the student's backward scatters into a single full-size gradient
+    ids = torch.cat([teacher_ids, student_ids], dim=-1)
     student_at_teacher, student_top = student_lprobs.gather(-1, ids).exp().split(topk, dim=-1)
-    return _ranking_terms(teacher_top, student_top, student_at_teacher, teacher_at_student)
+    return _ranking_terms(teacher_top.exp(), student_top, student_at_teacher, teacher.probs_at(student_ids))
 
 
 def _ranking_terms(teacher_top, student_top, student_at_teacher, teacher_at_student) -> Tensor:
@@ -142,62 +147,57 @@ def hierarchical_ranking(
     No temperature, no margin and no weight, as in the reference code; the
     softmaxes are float32 (float64 for float64 inputs).
     """
-    per_position = hierarchical_ranking_from_log_probs(log_probs(student_logits), log_probs(teacher_logits), topk)
+    per_position = hierarchical_ranking_from_teacher(log_probs(student_logits), DenseTeacher.from_logits(teacher_logits),
+                                                     topk)
     return per_position.masked_fill(~non_pad_mask(target, padding_idx), 0.0).sum()
 
 
 def tie_kd_terms(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher,
     target: Tensor,
     padding_idx: int,
     topk: int = 5,
     ranking: bool = True,
     log_epsilon: float = TIE_KD_LOG_EPSILON,
     student_lprobs: Optional[Tensor] = None,
-    teacher_normalized: bool = False,
     release_teacher: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """One TIE-KD iteration: ``(kl_sum, rank_sum)`` over the non-pad positions,
-    sharing the log-softmaxes between both terms.  ``rank_sum`` is ``None`` when
-    ``ranking`` is False; ``log_epsilon`` is that of :func:`tie_kd_kl`.
-    ``student_lprobs`` passes an already computed ``log_probs(student_logits)``
-    (the gold pass's, shared with the LS-NLL); ``teacher_normalized`` says
-    ``teacher_logits`` are normalised log-probabilities, used as they are;
-    ``release_teacher`` lets backward reuse their storage (the ranking, computed
-    here, is the only other reader)."""
+    """One TIE-KD iteration: ``(kl_sum, rank_sum)`` over the non-pad positions against ``teacher`` (a
+    :class:`~fairseq_kd.losses.teacher.TeacherDistribution`; a cached one's KL is taken on its buckets),
+    sharing the student's log-softmax between both terms.  ``rank_sum`` is ``None`` when ``ranking`` is
+    False; ``log_epsilon`` is that of :func:`tie_kd_kl`.  ``student_lprobs`` passes an already computed
+    ``log_probs(student_logits)`` (the gold pass's, shared with the LS-NLL); ``release_teacher`` lets
+    backward reuse the teacher's storage (the ranking, computed here first, is the only other reader)."""
     if log_epsilon < 0:
         raise ValueError(f"log_epsilon must be >= 0, got {log_epsilon}")
     mask = non_pad_mask(target, padding_idx)
     if student_lprobs is None:
         student_lprobs = log_probs(student_logits)
-    teacher_lprobs = teacher_log_probs(teacher_logits, normalized=teacher_normalized)
-    rank = hierarchical_ranking_from_log_probs(student_lprobs, teacher_lprobs, topk) if ranking else None
+    rank = hierarchical_ranking_from_teacher(student_lprobs, teacher, topk) if ranking else None
     # the KL last: backward runs it first, so its full-size gradient (in the teacher's storage with
     # ``release_teacher``) becomes the student's gradient buffer, into which the ranking's are added
-    if log_epsilon == 0.0:
-        kl = kl_from_log_probs(student_lprobs, teacher_lprobs, mask, release_teacher)
-    else:
-        kl = floored_kl_from_log_probs(student_lprobs, teacher_lprobs, mask, log_epsilon, release_teacher)
+    student, teacher_lprobs = teacher.align(student_lprobs)
+    kind = "kl" if log_epsilon == 0.0 else "floored"
+    kl = pair_divergence(teacher_lprobs, student, mask, kind, log_epsilon,
+                         overwrite_p=release_teacher and teacher.releasable)
     return kl.sum(), None if rank is None else rank.masked_fill(~mask, 0.0).sum()
 
 
 def tie_kd_iteration(
-    student_logits: Tensor, teacher_lprobs: Tensor, target: Tensor, padding_idx: int, epsilon: Optional[float] = None,
-    **options,
+    student_logits: Tensor, teacher, target: Tensor, padding_idx: int, epsilon: Optional[float] = None, **options,
 ):
-    """One TIE-KD iteration on a live teacher's normalised log-probabilities, whose storage backward
-    reuses: ``(kl_sum, rank_sum, ls_loss, nll_loss, (student argmax, teacher argmax))``, with the
-    label-smoothed NLL (:func:`~fairseq_kd.losses.common.nll_from_log_probs`) only for an
-    ``epsilon`` (the gold pass; else both None); one student log-softmax for all terms.  ``options``:
-    those of :func:`tie_kd_terms`."""
+    """One TIE-KD iteration against ``teacher``, whose storage backward may reuse: ``(kl_sum, rank_sum,
+    ls_loss, nll_loss, (student argmax, teacher argmax))``, with the label-smoothed NLL
+    (:func:`~fairseq_kd.losses.common.nll_from_log_probs`) only for an ``epsilon`` (the gold pass; else
+    both None); one student log-softmax for all terms.  ``options``: those of :func:`tie_kd_terms`."""
     student_lprobs = log_probs(student_logits)
     ls_loss = nll_loss = None
     if epsilon is not None:
         ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
-    ids = (argmax_ids(student_logits.detach()), argmax_ids(teacher_lprobs))  # before the KL reuses the teacher
-    kl, rank = tie_kd_terms(student_logits, teacher_lprobs, target, padding_idx, student_lprobs=student_lprobs,
-                            teacher_normalized=True, release_teacher=True, **options)
+    ids = (argmax_ids(student_logits.detach()), teacher.argmax())  # before the KL reuses the teacher
+    kl, rank = tie_kd_terms(student_logits, teacher, target, padding_idx, student_lprobs=student_lprobs,
+                            release_teacher=True, **options)
     return kl, rank, ls_loss, nll_loss, ids
 
 
@@ -219,7 +219,7 @@ def tie_kd_loss(
     ranks = [rank for rank in rank_sums if rank is not None]
     rank_loss = sum(ranks) / iterations if ranks else None
     distill = kd_loss + rank_loss if rank_loss is not None else kd_loss
-    return (1.0 - alpha) * ls_loss + alpha * distill, kd_loss, rank_loss
+    return kd_mix(ls_loss, distill, alpha), kd_loss, rank_loss
 
 
 def tie_kd_pass_loss(
@@ -229,8 +229,7 @@ def tie_kd_pass_loss(
     ``(1 - alpha) * ls_loss`` when given (the gold pass); summed over the N iterations it is the loss
     (up to float rounding), so each iteration can be backpropagated on its own."""
     distill = kl_sum + rank_sum if rank_sum is not None else kl_sum
-    loss = (alpha / iterations) * distill
-    return loss + (1.0 - alpha) * ls_loss if ls_loss is not None else loss
+    return kd_mix(ls_loss, distill, alpha, 1.0 / iterations)
 
 
 def next_prefix(

@@ -21,8 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fairseq_kd.losses.common import _chunks, _pair_rows, _xlogy_ratio, chunk_rows, chunked_rows, log_probs
-from fairseq_kd.losses.common import nll_from_log_probs, non_pad_mask, pair_divergence, teacher_log_probs
+from fairseq_kd.losses.chunked import _chunks, _pair_rows, chunk_rows, chunked_rows, pair_divergence
+from fairseq_kd.losses.common import _xlogy_ratio, kd_mix, kd_scale, log_probs, nll_from_log_probs, non_pad_mask
 from fairseq_kd.losses.divergences import kl_from_log_probs
 
 
@@ -272,7 +272,7 @@ def sekd_difficulty(
 
 def self_evolution_kd(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher,
     target: Tensor,
     padding_idx: int,
     gt_weight: float = 0.5,
@@ -286,53 +286,39 @@ def self_evolution_kd(
     prior_side: str = "student",
     temperature: float = 1.0,
     student_lprobs: Optional[Tensor] = None,
-    teacher_normalized: bool = False,
     release_teacher: bool = False,
 ) -> SEKDTerms:
     """Self-Evolution KD term (reconstruction of methods.md 3.1) and its statistics.
 
-    Per non-pad position, with ``p_s``, ``p_t`` softened by ``temperature``
-    (float32 for half inputs) and ``e_y`` the one-hot gold:
+    Per non-pad position, with ``p_s``, ``p_t`` softened by ``temperature`` (float32 for half inputs) and
+    ``e_y`` the one-hot gold, all on the support of ``teacher`` (a
+    :class:`~fairseq_kd.losses.teacher.TeacherDistribution`: the vocabulary, or the cache's ``k + 1``
+    buckets with the gold token's bucket as ``y``)::
 
-    Stage 1 (no gradient)::
-
-        r_t      = gt_weight * e_y + (1 - gt_weight) * p_t      # GT (+) teacher
+        r_t      = gt_weight * e_y + (1 - gt_weight) * p_t      # GT (+) teacher     (stage 1, no gradient)
         d_t      = KL(r_t || sg(p_s))                           # difficulty
         hard_t   = d_t > threshold | top hard_ratio of the batch | every token
         lambda_t = hard_t * clip(lam or lam * d_t, 0, lambda_max)
 
-    Stage 2: :func:`sekd_divergence`; the default (``prior_side='student'``,
-    ``divergence='fkl'``) is ``KL(p_t || (1 - lambda_t) p_s + lambda_t r_t)``.
+    Stage 2: :func:`sekd_divergence`; the default (``prior_side='student'``, ``divergence='fkl'``) is
+    ``KL(p_t || (1 - lambda_t) p_s + lambda_t r_t)``.  Why that reading, and the spec's alternatives 1-3
+    (``prior_side='target'``, the reverse direction, ``hard_criterion='all'``): docs/self_evolution_kd.md.
 
-    Why the default reading: the abstract says the method integrates the
-    teacher and gold distributions "into the student distribution as prior
-    knowledge" and the secondary summaries describe a *proxy* distribution
-    built for hard tokens only; a per-token convex mixture on the student
-    side of the forward KL is the literal reading (the device of DistiLLM's
-    skew KL), it leaves easy tokens with vanilla Word-KD, and it
-    lower-bounds the student-side density on hard tokens, which fits the
-    claimed faster convergence.  Smoothing the target instead
-    (``prior_side='target'``), the reverse direction and a ratio over all
-    tokens (``hard_criterion='all'``) are the spec's alternatives 1-3.
-
-    ``student_lprobs`` may pass an already computed ``log_probs(student_logits,
-    temperature)`` to avoid a second softmax; ``teacher_normalized`` says
-    ``teacher_logits`` are normalised log-probabilities (used as they are at
-    ``tau = 1``); ``release_teacher`` lets backward build the student's gradient in
-    their storage (default reading; nothing may read them after backward).  The
-    statistics are tensors (no device sync).  Returns sums over the non-pad
-    positions; with every ``lambda_t = 0`` (``lam = 0``, ``hard_ratio = 0`` or a
-    threshold above every difficulty) ``kd_loss`` equals
-    :func:`kl_divergence` (``fkl``) bit for bit.
+    ``student_lprobs`` may pass an already computed ``log_probs(student_logits, temperature)``;
+    ``release_teacher`` lets backward build the student's gradient in the teacher's storage (default
+    reading).  The statistics are tensors (no device sync).  Returns sums over the non-pad positions; with
+    every ``lambda_t = 0`` ``kd_loss`` equals the plain KL (``fkl``) bit for bit.
     """
     rows_fn = _sekd_rows(gt_weight, divergence, prior_side)
     mask = non_pad_mask(target, padding_idx)
     if student_lprobs is None:
         student_lprobs = log_probs(student_logits, temperature)
-    teacher_lprobs = teacher_log_probs(teacher_logits, temperature, teacher_normalized).detach()
+    student_lprobs, teacher_lprobs = teacher.align(student_lprobs, temperature)
+    teacher_lprobs, target = teacher_lprobs.detach(), teacher.gold(target)
     # KL(p_t || p_s): the plain term of the default reading (differentiable) and stage 1's input
     plain_fkl = prior_side == "student" and divergence == "fkl"
-    fused = plain_fkl and release_teacher and torch.is_grad_enabled() and student_lprobs.requires_grad
+    fused = (plain_fkl and release_teacher and teacher.releasable and torch.is_grad_enabled()
+             and student_lprobs.requires_grad)
     with torch.set_grad_enabled(torch.is_grad_enabled() and plain_fkl and not fused):
         kl = kl_from_log_probs(student_lprobs if plain_fkl else student_lprobs.detach(), teacher_lprobs, mask)
     difficulty = sekd_difficulty(kl, student_lprobs, teacher_lprobs, target, mask, gt_weight)
@@ -360,7 +346,7 @@ def self_evolution_kd(
 
 def self_evolution_kd_loss(
     student_logits: Tensor,
-    teacher_logits: Optional[Tensor],
+    teacher,
     target: Tensor,
     padding_idx: int,
     epsilon: float,
@@ -368,34 +354,27 @@ def self_evolution_kd_loss(
     temperature: float = 1.0,
     temperature_scale: bool = True,
     nll_weight: float = 0.0,
-    teacher_normalized: bool = False,
     release_teacher: bool = False,
     **sekd_options,
 ):
     """``(1 - alpha) * LS-NLL + alpha * s * L_SEKD + nll_weight * NLL``.
 
-    The combination is :func:`word_kd_loss` with the KL replaced by the
-    Self-Evolution term (``s = tau^2`` when ``temperature_scale``), so with
-    every ratio at zero and ``nll_weight = 0`` the two losses are equal.  The
-    optional extra term is the plain (unsmoothed, ``tau = 1``) gold NLL of the
-    spec's ``L = L_KD + beta * L_NLL``; ``alpha = 1, nll_weight = beta`` gives
-    that form exactly.  ``sekd_options`` are the keyword arguments of
-    :func:`self_evolution_kd`.  Returns ``(loss, nll_loss, terms)``;
-    ``terms`` is a :class:`SEKDTerms` (``None`` without a teacher, in which
-    case ``loss`` is the plain LS-NLL).
+    The combination is :func:`~fairseq_kd.losses.divergences.word_kd_loss`'s with the KL replaced by the
+    Self-Evolution term, so with every ratio at zero and ``nll_weight = 0`` the two losses are equal.  The
+    optional extra term is the plain (unsmoothed, ``tau = 1``) gold NLL of the spec's
+    ``L = L_KD + beta * L_NLL``; ``alpha = 1, nll_weight = beta`` gives that form exactly.  ``sekd_options``
+    are the keyword arguments of :func:`self_evolution_kd`.  Returns ``(loss, nll_loss, terms)``;
+    ``terms`` is a :class:`SEKDTerms` (``None`` without a teacher, in which case ``loss`` is the plain
+    LS-NLL).
     """
     student_lprobs = log_probs(student_logits)
     ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
-    if teacher_logits is None:
+    if teacher is None:
         return ls_loss, nll_loss, None
     soft = student_lprobs if temperature == 1.0 else None
-    terms = self_evolution_kd(
-        student_logits, teacher_logits, target, padding_idx,
-        temperature=temperature, student_lprobs=soft, teacher_normalized=teacher_normalized,
-        release_teacher=release_teacher, **sekd_options,
-    )
-    scale = temperature**2 if temperature_scale else 1.0
-    loss = (1.0 - alpha) * ls_loss + alpha * scale * terms.kd_loss
+    terms = self_evolution_kd(student_logits, teacher, target, padding_idx, temperature=temperature,
+                              student_lprobs=soft, release_teacher=release_teacher, **sekd_options)
+    loss = kd_mix(ls_loss, terms.kd_loss, alpha, kd_scale(temperature, temperature_scale))
     if nll_weight != 0.0:
         loss = loss + nll_weight * nll_loss
     return loss, nll_loss, terms

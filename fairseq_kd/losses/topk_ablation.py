@@ -22,12 +22,11 @@ sides, the term times ``tau^2`` when ``temperature_scale``) and the same
 combination ``(1 - alpha) * LS-NLL + alpha * term``.  Torch only.
 """
 
-from typing import Optional
-
 from torch import Tensor
 
-from fairseq_kd.losses.common import log_probs, nll_from_log_probs, non_pad_mask
+from fairseq_kd.losses.common import kd_mix, kd_scale, log_probs, nll_from_log_probs, non_pad_mask
 from fairseq_kd.losses.divergences import word_kd_loss
+from fairseq_kd.losses.teacher import DenseTeacher
 
 #: ``--kd-topk-mode`` of ``word_kd``
 TOPK_MODES = ("all", "no-top1", "top1-only")
@@ -54,7 +53,7 @@ def top1_only_per_position(student_lprobs: Tensor, teacher_lprobs: Tensor, mask:
 
 def word_kd_ablation_loss(
     student_logits: Tensor,
-    teacher_logits: Optional[Tensor],
+    teacher,
     target: Tensor,
     padding_idx: int,
     epsilon: float,
@@ -65,34 +64,30 @@ def word_kd_ablation_loss(
     skew_lambda: float = 0.1,
     topk_mode: str = "all",
     jsd_beta: float = 0.5,
-    teacher_normalized: bool = False,
 ):
-    """Word-KD with the teacher's top-1 ablated (``topk_mode``, :data:`TOPK_MODES`).
+    """Word-KD with the teacher's top-1 ablated (``topk_mode``, :data:`TOPK_MODES`); ``teacher`` is a
+    :class:`~fairseq_kd.losses.teacher.TeacherDistribution` over the whole vocabulary (a live one).
 
     Returns ``(loss, nll_loss, kd_loss)`` sums like :func:`word_kd_loss`
     (``kd_loss`` is the unscaled KD term, ``None`` without a teacher).
-    ``top1-only`` defines its own term and accepts only ``divergence="kl"``.
-    ``teacher_normalized``: the teacher's values are log-probabilities already (as a live teacher's are);
-    the ablations renormalise them anyway, which leaves normalised values unchanged."""
+    ``top1-only`` defines its own term and accepts only ``divergence="kl"``."""
     if topk_mode not in TOPK_MODES:
         raise ValueError(f"unknown top-k mode {topk_mode!r}; use one of {TOPK_MODES}")
     options = dict(epsilon=epsilon, alpha=alpha, temperature=temperature, temperature_scale=temperature_scale)
-    if topk_mode == "all" or teacher_logits is None:
-        return word_kd_loss(student_logits, teacher_logits, target, padding_idx, divergence=divergence,
-                            skew_lambda=skew_lambda, jsd_beta=jsd_beta, teacher_normalized=teacher_normalized,
-                            **options)
-    teacher_lprobs = log_probs(teacher_logits)
+    if topk_mode == "all" or teacher is None:
+        return word_kd_loss(student_logits, teacher, target, padding_idx, divergence=divergence,
+                            skew_lambda=skew_lambda, jsd_beta=jsd_beta, **options)
+    teacher_lprobs = teacher.full_log_probs()
     if topk_mode == "no-top1":
         # log_softmax(log p_hat / tau) inside word_kd_loss is the tempered ablated distribution
-        return word_kd_loss(student_logits, without_top1_log_probs(teacher_lprobs, target), target, padding_idx,
-                            divergence=divergence, skew_lambda=skew_lambda, jsd_beta=jsd_beta, **options)
+        ablated = DenseTeacher.from_logits(without_top1_log_probs(teacher_lprobs, target))
+        return word_kd_loss(student_logits, ablated, target, padding_idx, divergence=divergence,
+                            skew_lambda=skew_lambda, jsd_beta=jsd_beta, **options)
     if divergence != "kl":
         raise ValueError("the top1-only ablation is a weighted hard label, not a divergence; use divergence 'kl'")
     student_lprobs = log_probs(student_logits)
     ls_loss, nll_loss = nll_from_log_probs(student_lprobs, target, padding_idx, epsilon)
     if temperature != 1.0:
-        student_lprobs, teacher_lprobs = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+        student_lprobs, teacher_lprobs = log_probs(student_logits, temperature), teacher.full_log_probs(temperature)
     kd_loss = top1_only_per_position(student_lprobs, teacher_lprobs, non_pad_mask(target, padding_idx)).sum()
-    scale = temperature**2 if temperature_scale else 1.0
-    return (1.0 - alpha) * ls_loss + alpha * scale * kd_loss, nll_loss, kd_loss
-
+    return kd_mix(ls_loss, kd_loss, alpha, kd_scale(temperature, temperature_scale)), nll_loss, kd_loss

@@ -171,39 +171,27 @@ def pooled_encoder_states(encoder_out) -> Tensor:
     return (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
 
-def token_level(
-    teacher, teacher_encoder_out, prefix: Tensor, student_logits: Tensor, target: Tensor, pad: int,
-    temperature: float, teacher_lprobs: Optional[Tensor] = None, student_lprobs: Optional[Tensor] = None,
-):
-    """``(KL(p_t^tau || p_s^tau) per position [B, T], its mask, the teacher's argmax [B, T])`` on
-    ``prefix``; the teacher is decoded unless ``teacher_lprobs`` are given, the student's
-    tempered log-probs are computed unless ``student_lprobs`` are given.  The teacher's
-    log-probabilities are normalised already: they are softened only at ``tau != 1``."""
-    if teacher_lprobs is None:
-        teacher_lprobs = teacher.forward_decoder(prefix, teacher_encoder_out)
+def token_level(teacher, student_logits: Tensor, target: Tensor, pad: int, temperature: float,
+                student_lprobs: Optional[Tensor] = None):
+    """``(KL(p_t^tau || p_s^tau) per position [B, T], its mask, the teacher's argmax [B, T])`` against the
+    teacher's distribution ``teacher`` (:class:`~fairseq_kd.losses.teacher.TeacherDistribution`) on the
+    student's prefixes; the student's tempered log-probs are computed unless ``student_lprobs`` are given."""
     mask = target.ne(pad)
     if student_lprobs is None:
         student_lprobs = losses.log_probs(student_logits, temperature)
-    if isinstance(teacher_lprobs, tuple):  # a cached (ids, lprobs) top-k: the KL on its k + tail buckets
-        return losses.topk_divergence(student_lprobs, *teacher_lprobs, mask), mask, teacher_lprobs[0][..., 0]
-    teacher_soft = common.teacher_log_probs(teacher_lprobs, temperature, True)
-    teacher_ids = block_max.argmax_ids(teacher_lprobs)  # the KL leaves its gradient in the teacher's storage
-    kl = losses.kl_from_log_probs(student_lprobs, teacher_soft, mask, release_teacher=True)
-    return kl, mask, teacher_ids
+    teacher_ids = teacher.argmax()  # before the KL leaves its gradient in the teacher's storage
+    return teacher.divergence(student_lprobs, mask, "kl", temperature, release=True), mask, teacher_ids
 
 
-def token_terms(teacher, teacher_encoder_out, prefix, student_logits, target, pad, temperature, temperature_factor,
-                teacher_lprobs=None, student_lprobs=None):
-    """``(L_tok per position [B, T], its mask, logging values)``: :func:`token_level` scaled by
-    ``temperature_factor``, with ``tok_loss``, ``tok_tokens`` and the top-1 agreement
-    (``kd_agree``, ``kd_tokens``: tensors, no device sync)."""
-    kl, mask, teacher_ids = token_level(
-        teacher, teacher_encoder_out, prefix, student_logits, target, pad, temperature, teacher_lprobs, student_lprobs,
-    )
+def token_terms(teacher, student_logits, target, pad, temperature, kd_scale, student_lprobs=None):
+    """``(L_tok per position [B, T], its mask, logging values)``: :func:`token_level` times ``kd_scale``
+    (``tau^2`` or 1), with ``tok_loss``, ``tok_tokens`` and the top-1 agreement (``kd_agree``,
+    ``kd_tokens``: tensors, no device sync)."""
+    kl, mask, teacher_ids = token_level(teacher, student_logits, target, pad, temperature, student_lprobs)
     agree = common.agreement_from_ids(block_max.argmax_ids(student_logits.detach()), teacher_ids, target, pad)
     tokens = mask.sum()
     log = dict(tok_loss=kl.sum().data, tok_tokens=tokens, kd_agree=agree, kd_tokens=tokens)
-    return kl * temperature_factor, mask, log
+    return kl * kd_scale, mask, log
 
 
 def sentence_level(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
@@ -222,9 +210,7 @@ def sentence_terms(hyp_logits: Tensor, target: Tensor, pad: int, eps: float):
 def student_loss(alpha: float, hybrid: Tensor, gold_ls: Tensor, gate_objective: Optional[Tensor]):
     """``(alpha * hybrid + (1 - alpha) * LS-NLL(gold) [+ J - sg(J)], logging values)``: a learned
     gate's objective adds its gradient with value 0, so the loss stays the student's."""
-    loss = alpha * hybrid
-    if alpha < 1:
-        loss = loss + (1.0 - alpha) * gold_ls
+    loss = losses.kd_mix(gold_ls, hybrid, alpha)
     if gate_objective is None:
         return loss, {}
     return loss + (gate_objective - gate_objective.detach()), {"gate_obj": gate_objective.data}
@@ -262,13 +248,13 @@ def level_weights(logits: Optional[Tensor], fixed_gate: Optional[float]):
     return gate, 1.0 - gate
 
 
-def level_share(alpha: float, values: Optional[Tensor], weight, gate_kind: str):
-    """``alpha * sum_u w_u L_u``: one level's part of the student's loss (0 for a level not computed),
-    for backpropagating each student pass on its own; both levels' shares plus ``(1 - alpha)`` times the
-    gold LS-NLL sum to :func:`student_loss`'s loss, up to float rounding."""
+def level_share(values: Optional[Tensor], weight, gate_kind: str):
+    """``sum_u w_u L_u``: one level's part of the gated term (0 for a level not computed), for
+    backpropagating each student pass on its own; mixed with the gold LS-NLL as :func:`student_loss`
+    mixes the whole term, the passes' shares sum to its loss, up to float rounding."""
     if values is None:
         return 0.0
-    return alpha * (weight * per_unit(values, gate_kind)).sum()
+    return (weight * per_unit(values, gate_kind)).sum()
 
 
 def fixed_mixture(token_pos: Optional[Tensor], sent_pos: Optional[Tensor], fixed_gate: float) -> Tensor:

@@ -16,14 +16,14 @@ teacher's translations (Seq-KD data, binarized into the same data directory
 by ``python -m fairseq_kd.decoding binarize``): batches gain
 ``teacher_target``, ``teacher_prev_output_tokens`` and ``teacher_ntokens``
 (:mod:`fairseq_kd.data.teacher_target`), which criterions that do not use
-them ignore.  A criterion that only trains on teacher targets sets
-``needs_teacher = False`` and then no live teacher is loaded.
+them ignore.  What a criterion needs from the task (a teacher, teacher targets, ...) is its
+:class:`~fairseq_kd.criterions.base.Requirements`, read here only.
 
 With ``--teacher-cache DIR`` (built by ``python -m fairseq_kd.cache build``)
 no teacher is loaded at all: the training split's batches carry the
 teacher's cached top-k (:mod:`fairseq_kd.cache.dataset`) and the criterion
-is handed a :class:`~fairseq_kd.cache.dataset.CachedTeacher` instead of the
-live teacher.  The cache's manifest must match the task's dictionaries, the
+is handed the :class:`~fairseq_kd.teacher.cached.CachedTeacher` built from each
+batch instead of the live teacher.  The cache's manifest must match the task's dictionaries, the
 training split and the criterion's temperature, and the criterion must accept
 the cached form (``teacher_cache_error``); ``--teacher-path`` and
 ``--teacher-cache`` together are refused.
@@ -41,13 +41,15 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.cache import provenance
-from fairseq_kd.cache.dataset import CachedTeacher, load_teacher_cache
+from fairseq_kd.cache.dataset import load_teacher_cache
+from fairseq_kd.criterions.base import requirements
 from fairseq_kd.cache.manifest import check_manifest, read_manifest
 from fairseq_kd.data.teacher_target import TeacherTargetDataset, load_teacher_target
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.hashing import dictionary_hashes
 from fairseq_kd.tasks import guards
-from fairseq_kd.teacher import PRECISIONS, load_teacher, split_paths
+from fairseq_kd.teacher.cached import CachedTeacher
+from fairseq_kd.teacher.ensemble import PRECISIONS, load_teacher, split_paths
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ class DistillationTranslationTask(TranslationTask):
 
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
-        self.teacher = None
+        self.teacher = None  # the live teacher (a TeacherEnsemble)
+        self.cache_manifest = None  # with --teacher-cache: its manifest, checked against the criterion
         if cfg.teacher_cache and cfg.teacher_path:
             raise DistillationError(
                 "--teacher-path and --teacher-cache are exclusive: the cache replaces the live teacher; "
@@ -125,15 +128,16 @@ class DistillationTranslationTask(TranslationTask):
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg)
         self.criterion = criterion
-        provenance.check_cache_reader(self.cfg, criterion, cfg._name)
-        if getattr(criterion, "needs_teacher_target", False) and not self.cfg.teacher_target_subset:
+        needs = requirements(criterion)
+        provenance.check_cache_reader(self.cfg, needs.teacher, cfg._name)
+        if needs.teacher_target and not self.cfg.teacher_target_subset:
             raise DistillationError(
                 f"criterion {cfg._name} trains on the teacher's translations: pass "
                 f"--teacher-target-subset NAME (written by python -m fairseq_kd.decoding binarize)"
             )
-        if getattr(criterion, "needs_teacher", False) and self.cfg.teacher_cache:
-            self.teacher = self.load_teacher_cache(criterion, cfg._name)
-        elif getattr(criterion, "needs_teacher", False):
+        if needs.teacher and self.cfg.teacher_cache:
+            self.cache_manifest = self.load_teacher_cache(criterion, cfg._name)
+        elif needs.teacher:
             if not self.cfg.teacher_path:
                 raise DistillationError(
                     f"criterion {cfg._name} distils from a teacher: pass --teacher-path CHECKPOINT"
@@ -145,28 +149,26 @@ class DistillationTranslationTask(TranslationTask):
             )
         return criterion
 
-    def load_teacher_cache(self, criterion, name: str) -> CachedTeacher:
-        """Check the cache's manifest against this run and the criterion; the stand-in teacher."""
+    def load_teacher_cache(self, criterion, name: str) -> dict:
+        """Check the cache's manifest against this run and the criterion; the manifest."""
         path = self.cfg.teacher_cache
         manifest = read_manifest(path)
         data_dir = utils.split_paths(self.cfg.data)[0]
         expected = {
             "dictionaries": dictionary_hashes(data_dir, (self.cfg.source_lang, self.cfg.target_lang)),
             "split": self.cfg.train_subset,
-            "temperature": getattr(criterion, "temperature", 1.0),
+            "temperature": requirements(criterion).temperature,
         }
         check_manifest(path, manifest, expected, fixes={
             "dictionaries": f"build the cache from {data_dir} (the dictionaries of this run)",
             "split": "build the cache on --train-subset, or set --train-subset to the cached split",
             "temperature": "pass the cache's temperature as --kd-temperature, or rebuild it at this temperature",
         })
-        refusal = criterion.teacher_cache_error(manifest) if hasattr(criterion, "teacher_cache_error") else (
-            f"criterion {name} does not read a teacher cache"
-        )
+        refusal = criterion.teacher_cache_error(manifest)
         if refusal:
             raise DistillationError(f"--teacher-cache {path}: {refusal}")
         logger.info("teacher: cache %s (k=%d, temperature %g)", path, manifest["k"], manifest["temperature"])
-        return CachedTeacher(path, manifest)
+        return manifest
 
     def load_teacher(self):
         if self.teacher is None:
@@ -183,11 +185,24 @@ class DistillationTranslationTask(TranslationTask):
             )
         return self.teacher
 
-    def criterion_kwargs(self, criterion, model):
-        """Keyword arguments for a training call of ``criterion``."""
-        if not getattr(criterion, "needs_teacher", False):
+    def teacher_for(self, sample, model):
+        """The teacher a criterion distils ``sample`` from: the batch's cached one, or the live teacher on
+        ``model``'s device."""
+        return CachedTeacher.from_batch(sample) if self.cfg.teacher_cache else self.teacher.to_like(model)
+
+    def criterion_kwargs(self, criterion, model, sample):
+        """Keyword arguments for a training call of ``criterion`` on ``sample``."""
+        if not requirements(criterion).teacher:
             return {}
-        return {"teacher": self.teacher.to_like(model)}
+        return {"teacher": self.teacher_for(sample, model)}
+
+    def data_parallel_reason(self, sample) -> Optional[str]:
+        """What this task does with ``sample`` that bypasses a data-parallel wrapper's forward (None: nothing)."""
+        return None
+
+    def training_loss(self, sample, model, criterion, **kwargs):
+        """``criterion``'s ``(loss, sample_size, logging_output)`` on a training ``sample`` (forward only)."""
+        return criterion(model, sample, **kwargs)
 
     # -- checkpointed state (fairseq_kd.tasks.guards) ---------------------------------
 
@@ -207,11 +222,12 @@ class DistillationTranslationTask(TranslationTask):
         calls in one step only accumulate into the gradients, which fairseq's trainer all-reduces
         after ``train_step`` under ``--ddp-backend legacy_ddp`` and sums over ``--update-freq``
         (torch's DDP, whose hooks expect one backward per forward, is refused for these criterions)."""
-        guards.check_data_parallel(criterion, model)
+        needs = requirements(criterion)
+        guards.check_data_parallel(model, type(criterion).__name__, needs, self.data_parallel_reason(sample))
         model.train()
         model.set_num_updates(update_num)
-        kwargs = self.criterion_kwargs(criterion, model)
-        per_pass = bool(kwargs) and getattr(criterion, "backward_per_pass", False)
+        kwargs = self.criterion_kwargs(criterion, model, sample)
+        per_pass = "teacher" in kwargs and needs.backward_per_pass
         if per_pass:
 
             def backward(part):  # outside autocast, as the whole loss's backward below
@@ -221,7 +237,7 @@ class DistillationTranslationTask(TranslationTask):
             kwargs["backward"] = backward
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
-                loss, sample_size, logging_output = criterion(model, sample, **kwargs)
+                loss, sample_size, logging_output = self.training_loss(sample, model, criterion, **kwargs)
         if ignore_grad:
             loss *= 0
         if not per_pass:

@@ -1,12 +1,13 @@
 """Checks and training state shared by the distillation tasks.
 
-* **data parallelism**: a criterion that calls the student's encoder and
-  decoder separately (``calls_model_parts = True``: ``tie_kd``,
-  ``hybrid_gated_kd``) bypasses the forward of torch's
-  ``DistributedDataParallel``, whose gradient all-reduce then never runs; the
-  first training step under that wrapper stops with one line naming
-  ``--ddp-backend legacy_ddp`` (fairseq's own wrapper, which all-reduces the
-  gradients after the backward whatever the forward did), before any update.
+* **data parallelism** (:func:`check_data_parallel`, the one check): a criterion that calls the
+  student's encoder and decoder separately (``calls_model_parts``: ``tie_kd``, ``hybrid_gated_kd``), or a
+  task that runs the student twice per batch, bypasses the forward of torch's
+  ``DistributedDataParallel`` and of ``fully_sharded``, whose gradient sync runs through it only; a
+  criterion that generates with the student's parts (``generates``: ``on_policy_kd``) bypasses
+  ``fully_sharded``'s parameter sharding.  The first training step under such a wrapper stops with one
+  line naming ``--ddp-backend legacy_ddp`` (fairseq's own wrapper, which all-reduces the gradients after
+  the backward whatever the forward did), before any update.
 * **non-finite teacher output**: every teacher forward sets a device flag
   (:meth:`fairseq_kd.teacher.TeacherEnsemble.take_nonfinite`); the task reads
   it once per step, *after* the backward has been queued.  On a GPU that read
@@ -31,25 +32,47 @@
 """
 
 import logging
-from typing import Dict
+from typing import Dict, Optional
 
-from fairseq_kd.criterions import base
+import torch
+
+from fairseq_kd.criterions.base import Requirements, requirements
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.hashing import dictionary_hashes
 
 logger = logging.getLogger(__name__)
 
 
-def check_data_parallel(criterion, model) -> None:
-    """Refuse a bypassed data-parallel wrapper for a criterion that calls the model's parts."""
-    if getattr(criterion, "calls_model_parts", False):
-        base.check_data_parallel(model, type(criterion).__name__)
+def bypassed_wrapper(model, sharded_only: bool = False) -> Optional[str]:
+    """The data-parallel wrapper around ``model`` that syncs gradients only through its own forward --
+    torch's DDP (``--ddp-backend pytorch_ddp``/``c10d``; not with ``sharded_only``) or fairseq's fully
+    sharded one (``fully_sharded``, which also shards the parameters outside that forward) -- or None."""
+    for module in (model, getattr(model, "module", None)):
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sharded_only:
+            return "torch's DistributedDataParallel"
+        if module is not None and type(module).__name__ == "FullyShardedDataParallel":
+            return "FullyShardedDataParallel (--ddp-backend fully_sharded)"
+    return None
+
+
+def check_data_parallel(model, who: str, needs: Requirements, task_reason: Optional[str] = None) -> None:
+    """The one data-parallel check: refuse a wrapper that the criterion ``who`` (its ``needs``) or the task
+    (``task_reason``: a clause saying what it does that bypasses the wrapper's forward) would bypass."""
+    reason = task_reason or (f"{who} calls the student's encoder and decoder separately" if needs.calls_model_parts
+                             else None)
+    wrapper = bypassed_wrapper(model) if reason else None
+    if wrapper is None and needs.generates:
+        reason = f"{who} generates with the student's encoder and decoder outside the forward (parameters sharded)"
+        wrapper = bypassed_wrapper(model, sharded_only=True)
+    if wrapper is not None:
+        raise DistillationError(
+            f"{reason}, which bypasses the gradient all-reduce of {wrapper}: train with --ddp-backend legacy_ddp"
+        )
 
 
 def check_teacher_output(teacher, sample, update_num: int) -> None:
     """Stop at the first step whose teacher output held NaN or +inf (reads the teacher's flag)."""
-    # a cached teacher has no live output to check (the cache build refuses non-finite values)
-    if teacher is None or not hasattr(teacher, "take_nonfinite") or not teacher.take_nonfinite():
+    if teacher is None or not teacher.take_nonfinite():
         return
     ids = sample.get("id") if isinstance(sample, dict) else None
     first = ids[:5].tolist() if ids is not None and hasattr(ids, "tolist") else []
@@ -63,20 +86,18 @@ def check_teacher_output(teacher, sample, update_num: int) -> None:
 def training_state(task, criterion) -> Dict:
     """What the task adds to fairseq's ``task_state``."""
     state = {"dictionary_sha256": dictionary_hashes(task.cfg.data, (task.cfg.source_lang, task.cfg.target_lang))}
-    kd_state = getattr(criterion, "kd_state_dict", None)
-    if kd_state is not None:
-        state["criterion"] = kd_state()
+    if requirements(criterion).training_state:
+        state["criterion"] = criterion.kd_state_dict()
     return state
 
 
 def restore_training_state(task_state: Dict, criterion) -> None:
     """Hand ``task_state["criterion"]`` back to the criterion on resume."""
-    load = getattr(criterion, "load_kd_state_dict", None)
-    if load is None:
+    if not requirements(criterion).training_state:
         return
     saved = task_state.get("criterion")
     if saved is None:
         logger.warning("the checkpoint holds no state of criterion %s: it starts empty", type(criterion).__name__)
         return
-    load(saved)
+    criterion.load_kd_state_dict(saved)
     logger.info("restored the training state of criterion %s from the checkpoint", type(criterion).__name__)

@@ -1,53 +1,11 @@
-"""``iterative_distillation``: distillation on bitext mixed with source-only text.
+"""``iterative_distillation``: distillation on bitext mixed with source-only text (docs/iterative_distillation.md).
 
-The task extends ``distillation_translation`` (it holds the teacher and hands
-it to the criterion) with a second kind of training example: a source
-sentence without a reference (``--unlabeled-subset NAME``, binarized with the
-task's source dictionary, e.g. by ``python -m fairseq_kd.unlabeled``).  Both
-kinds are mixed in every batch (:class:`fairseq_kd.data.mixed_source.MixedSourceDataset`,
-marker ``has_reference``) and :meth:`IterativeDistillationTask.train_step`
-splits each batch in two:
-
-* **bitext rows**: the criterion as usual, ``(1 - a) * LS-NLL + a * KD`` on the
-  gold prefixes;
-* **source-only rows**: a target prefix is made without ground truth and the
-  criterion's *distillation term alone* is computed on it (its NLL weight set
-  to zero: :func:`distillation_only`), times ``--unlabeled-weight``.  The
-  prefix comes from ``--prefix-source``:
-
-  - ``teacher``: the teacher's greedy translation, decoded in ``train_step``
-    (no grad, eval mode): word-level KD on the teacher's own output, the
-    on-the-fly analogue of "Word-KD + Seq-KD";
-  - ``student``: the current student's greedy translation, decoded in eval
-    mode (no dropout) in ``train_step``: on-policy distillation, the teacher
-    corrects the student on the prefixes the student actually produces;
-  - ``offline``: the labels binarized next to the source-only split
-    (``--unlabeled-target-subset NAME``, written by ``python -m
-    fairseq_kd.decoding decode/merge/binarize`` with beam search); this is the
-    per-round labelling of ``scripts/iterate.sh``, where the labeller
-    is the teacher or the previous round's student.
-
-Why call the chosen criterion on a sub-batch instead of adding per-row NLL
-masks to every criterion: each KD criterion already computes
-``(1 - alpha) * NLL + alpha * KD`` from ``self.alpha``, so setting ``alpha``
-to 1 for one call yields exactly its KD term -- word_kd's KL, tie_kd's
-KL + ranking over its in-batch iterations, self_evolution_kd's proxy KL --
-with no change to any criterion, and the two calls' sums add up as if the
-criterion supported per-row weights.  The cost is a second student forward
-per mixed batch (with a single backward through the summed loss).
-
-Sums and ``sample_size``: the source-only loss is a sum over the prefix
-tokens and their count is added to ``sample_size``, so the objective is a
-mean over every trained token; a source-only token weighs
-``--unlabeled-weight`` (default 1: its KD term gets the full weight that a
-bitext token splits between NLL and KD; set it to ``alpha`` to weigh both
-KD terms alike).  The logged ``nll_loss``, ``kd_loss``, ``ntokens`` and the
-validation loss stay gold-only, comparable with ``distillation_translation``;
-source-only metrics are logged as ``unl_*`` (``unl_kd_loss`` per prefix
-token, ``unl_wpb`` prefix tokens per update, ...).
-
-Multi-GPU training needs ``--ddp-backend legacy_ddp`` (the student runs twice
-per batch, which torch's DistributedDataParallel cannot synchronise).
+``distillation_translation`` plus source sentences without a reference (``--unlabeled-subset NAME``), mixed
+into every batch (:class:`fairseq_kd.data.mixed_source.MixedSourceDataset`, marker ``has_reference``).  The
+bitext rows train the criterion as usual; the source-only rows get a target prefix from
+``--prefix-source`` (the teacher's or the current student's greedy translation, or offline labels) and the
+criterion's distillation term alone (``reference=False``), times ``--unlabeled-weight``.  Source-only
+metrics are logged as ``unl_*``; the gold metrics stay bitext-only.
 """
 
 import logging
@@ -61,12 +19,10 @@ from fairseq import utils
 from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
-from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import load_langpair_dataset
 from torch import Tensor
 
-from fairseq_kd.criterions.base import check_data_parallel
 from fairseq_kd.data.mixed_source import (
     MixedSourceDataset,
     select_rows,
@@ -74,12 +30,7 @@ from fairseq_kd.data.mixed_source import (
     with_prefixes,
 )
 from fairseq_kd.errors import DistillationError
-from fairseq_kd.tasks import guards
-from fairseq_kd.tasks.source_only import (  # noqa: F401  (EXTRA_GOLD_TERMS re-exported)
-    EXTRA_GOLD_TERMS,
-    check_source_only_criterion,
-    distillation_only,
-)
+from fairseq_kd.tasks.source_only import check_source_only_criterion
 from fairseq_kd.tasks.distillation_translation import (
     DistillationTranslationConfig,
     DistillationTranslationTask,
@@ -326,9 +277,11 @@ class IterativeDistillationTask(DistillationTranslationTask):
             logging_output = {"loss": 0.0, "nll_loss": 0.0, "ntokens": 0, "nsentences": 0, "sample_size": 0}
         if source_only is not None:
             source_only = self.source_only_batch(source_only, model)
-            with distillation_only(criterion):
-                u_loss, u_size, u_log = criterion(model, source_only, **kwargs)
             weight = self.cfg.unlabeled_weight
+            u_kwargs = dict(kwargs, reference=False)
+            if "backward" in kwargs:  # the criterion's per-pass backward, of the weighted term
+                u_kwargs["backward"] = lambda part: kwargs["backward"](weight * part)
+            u_loss, u_size, u_log = criterion(model, source_only, **u_kwargs)
             loss = loss + weight * u_loss
             sample_size = sample_size + u_size
             logging_output = dict(logging_output)
@@ -339,24 +292,15 @@ class IterativeDistillationTask(DistillationTranslationTask):
                 logging_output[UNLABELED + key] = value
         return loss, sample_size, logging_output
 
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+    def data_parallel_reason(self, sample):
+        if "has_reference" in sample:
+            return "iterative_distillation runs the student twice per batch (bitext and source-only rows)"
+        return super().data_parallel_reason(sample)
+
+    def training_loss(self, sample, model, criterion, **kwargs):
         if "has_reference" not in sample:
-            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        guards.check_data_parallel(criterion, model)
-        check_data_parallel(model, "iterative_distillation",
-                            "runs the student twice per batch (bitext and source-only rows)")
-        model.train()
-        model.set_num_updates(update_num)
-        kwargs = self.criterion_kwargs(criterion, model)
-        with torch.autograd.profiler.record_function("forward"):
-            with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
-                loss, sample_size, logging_output = self.mixed_loss(sample, model, criterion, **kwargs)
-        if ignore_grad:
-            loss *= 0
-        with torch.autograd.profiler.record_function("backward"):
-            optimizer.backward(loss)
-        guards.check_teacher_output(kwargs.get("teacher"), sample, update_num)
-        return loss, sample_size, logging_output
+            return super().training_loss(sample, model, criterion, **kwargs)
+        return self.mixed_loss(sample, model, criterion, **kwargs)
 
     # -- metrics -----------------------------------------------------------------
 

@@ -9,10 +9,8 @@
 from fairseq_kd.teacher.ensemble import (
     PRECISIONS,
     TeacherEnsemble,
-    _teacher_dict_files,
     compare_dictionaries,
     load_teacher,
-    logger,
     split_paths,
 )
 from fairseq_kd.teacher.greedy import greedy_teacher_translation, max_decoder_positions, shift_right

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from fairseq_kd.errors import DistillationError
 from fairseq_kd.hashing import sha256_of
-from fairseq_kd.losses import log_mean_exp
+from fairseq_kd.losses.common import log_mean_exp
+from fairseq_kd.losses.teacher import DenseTeacher
 
 logger = logging.getLogger("fairseq_kd.teacher")
 
@@ -153,6 +154,14 @@ class TeacherEnsemble:
         if prev_output_tokens is None:
             prev_output_tokens = net_input["prev_output_tokens"]
         return self.forward_decoder(prev_output_tokens, self.forward_encoder(net_input))
+
+    def distribution(self, net_input: Dict[str, Tensor]) -> DenseTeacher:
+        """The teacher's distribution on ``net_input``'s prefixes (teacher forcing), as the criterions read it."""
+        return DenseTeacher(self(net_input))
+
+    def decoder_distribution(self, prev_output_tokens: Tensor, encoder_outs: List) -> DenseTeacher:
+        """:meth:`distribution` on other prefixes, from the encoder outputs of :meth:`forward_encoder`."""
+        return DenseTeacher(self.forward_decoder(prev_output_tokens, encoder_outs))
 
 
 def _teacher_dict_files(state_cfg, path: str, teacher_data_dir: Optional[str], src: str, tgt: str):
