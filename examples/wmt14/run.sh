@@ -151,6 +151,10 @@ for assignment in "${SETS[@]}"; do  # --set NAME=VALUE: the preset's variables (
         printf -v "$name" '%s' "${assignment#*=}" ;; esac
 done
 
+# shellcheck source=../../scripts/lib/settings.sh
+source "$REPO/scripts/lib/settings.sh"
+check_settings  # --set, the options and the environment: numbers before any arithmetic sees them
+
 # ---- presets ------------------------------------------------------------------------------------------
 # A variable already set in the environment wins (':=' for numbers, '=' where empty means "all").
 GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)

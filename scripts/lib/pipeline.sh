@@ -68,6 +68,8 @@ ALL_STUDENTS="baseline word_kd seq_kd tie_kd self_evolution_kd hybrid_gated_kd"
 train_args=() teacher_args=() student_args=() decode_args=() test_decode_args=() device=() teacher_precision=()
 teacher_data=() srun_args=()
 
+# shellcheck source=settings.sh
+source "$(dirname "${BASH_SOURCE[0]}")/settings.sh"
 # shellcheck source=stages.sh
 source "$(dirname "${BASH_SOURCE[0]}")/stages.sh"
 # shellcheck source=shards.sh
@@ -102,6 +104,7 @@ pipeline_setup() {
     : "${LAUNCHER:=single}" "${NODES:=1}" "${NPROC:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=localhost}"
     : "${MASTER_PORT:=29500}" "${UPDATE_FREQ:=1}" "${TEACHER_CACHE:=0}" "${CACHE_ARGS:=}" "${COMET_MODEL:=}"
     : "${SRUN_ARGS:=}" "${TRAIN_CPUS:=4}" "${DECODE_CPUS:=4}" "${DECODE_CHUNK:=}" "${CLAIM_TIMEOUT:=600}"
+    check_settings  # every numeric setting a number, before arithmetic evaluates it
     : "${ON_DEGENERATE:=keep}"
     export FAIRSEQ_KD_MASTER_PORT=$MASTER_PORT  # scripts/distributed_rank.py under srun
     command -v "$PYTHON" >/dev/null || die "$PYTHON not found; set PYTHON"
