@@ -22,7 +22,8 @@
 # inside a stage, fairseq-train resumes from its checkpoint_last.pt and the
 # label decoding from its finished shards.  Raise ROUNDS and re-run to add
 # rounds.  The settings below (except ROUNDS, CPU, PYTHON, DECODE_MAX_TOKENS)
-# are recorded in WORK/settings; a re-run with other settings is refused.
+# are recorded in WORK/settings, with the sha256 of the input files; a re-run with
+# other settings or edited inputs is refused.
 #
 # Every variable can be set in the environment.  *_ARGS values are split on
 # whitespace (write --adam-betas '(0.9,0.98)' without a space).
@@ -71,6 +72,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # shellcheck source=lib/shards.sh
 source "$REPO/scripts/lib/shards.sh"
+# shellcheck source=lib/text.sh
+source "$REPO/scripts/lib/text.sh"
 
 log() { echo "[iterate.sh $(date '+%H:%M:%S')] $*" >&2; }
 die() { echo "iterate.sh: error: $*" >&2; exit 1; }
@@ -112,18 +115,28 @@ read -r -a train_args <<< "$TRAIN_ARGS"
 read -r -a decode_args <<< "$DECODE_ARGS"
 cpu=()
 if [[ $CPU == 1 ]]; then cpu=(--cpu); fi
-N_VALID=$(wc -l < "$VALID_REF")
+N_VALID=$(count_lines "$VALID_REF")
 
 # ---- settings and state ------------------------------------------------------------
 SETTINGS=(DATA UNLABELED SPM_MODEL TEACHER VALID_REF SRC TGT UPDATES_PER_ROUND INIT PREFIX_SOURCE LABELER
           CRITERION CRITERION_ARGS TASK_ARGS ARCH_ARGS TRAIN_ARGS CHECKPOINT LABEL_BEAM LABEL_SHARDS LABEL_CHUNK
           ON_DEGENERATE VALID_BEAM DECODE_ARGS REMOVE_BPE)
-settings() { local v; for v in "${SETTINGS[@]}"; do printf '%s=%s\n' "$v" "${!v}"; done; }
+# the input files by content too (an edited UNLABELED, teacher or corpus is a changed setting), each hash
+# remembered in WORK/digests by size and modification time
+INPUT_FILES=("$UNLABELED" "${teachers[@]}" "$SPM_MODEL" "$VALID_REF" "$INIT" "$DATA"/dict.*.txt
+             "$DATA"/train.*.bin "$DATA"/train.*.idx "$DATA"/valid.*.bin "$DATA"/valid.*.idx)
+settings() {
+    local v f
+    for v in "${SETTINGS[@]}"; do printf '%s=%s\n' "$v" "${!v}"; done
+    for f in "${INPUT_FILES[@]}"; do
+        [[ ! -f $f ]] || printf 'sha256 of %s=%s\n' "$f" "$(DIGEST_CACHE=$WORK/digests file_digests "$f" | sed 's/.*://; s/ $//')"
+    done
+}
 mkdir -p "$WORK"
 STATE=$WORK/state
 if [[ -f $WORK/settings ]]; then
-    changed=$(diff <(settings) "$WORK/settings" | sed -n 's/^[<>] \([A-Z_]*\)=.*/\1/p' | sort -u | tr '\n' ' ' || true)
-    [[ -z $changed ]] || die "$WORK was started with other settings (${changed% }); restore them (see $WORK/settings) or use a new WORK"
+    changed=$(diff <(settings) "$WORK/settings" | sed -n 's/^[<>] \([^=]*\)=.*/\1/p' | sort -u | paste -sd, - | sed 's/,/, /g' || true)
+    [[ -z $changed ]] || die "$WORK was started with other settings or input files ($changed); restore them (see $WORK/settings) or use a new WORK"
 else
     settings > "$WORK/settings.tmp" && mv "$WORK/settings.tmp" "$WORK/settings"
     echo "# iterate.sh: one line per finished stage (ROUND STAGE)" > "$STATE"
@@ -147,7 +160,7 @@ stage() {
 }
 assert_lines() {  # FILE EXPECTED
     local n
-    n=$(wc -l < "$1")
+    n=$(count_lines "$1")
     [[ $n -eq $2 ]] || die "$1 has $n lines, expected $2"
 }
 
@@ -189,7 +202,7 @@ label_round() {
         log "round $r label: LABELER=teacher, round 1's labels are reused"
         return 0
     fi
-    n=$(wc -l < "$WORK/data/unlabeled.spm.$SRC")
+    n=$(count_lines "$WORK/data/unlabeled.spm.$SRC")
     local label=("$PYTHON" -m fairseq_kd.decoding decode --data "$WORK/data" --split unlabeled -s "$SRC" -t "$TGT"
         --path "$(labeler_of_round "$r")" --out-dir "$dir/label_shards"
         --beam "$LABEL_BEAM" "${decode_args[@]}" --max-tokens "$DECODE_MAX_TOKENS" "${cpu[@]}")

@@ -756,3 +756,124 @@ def test_two_ranks_equal_one_rank_with_double_update_freq(name, prepared, teache
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=PARITY_TOLERANCE, msg=key)
     for key, value in (a.get("criterion") or {}).items():
         torch.testing.assert_close(value, b["criterion"][key], rtol=0, atol=PARITY_TOLERANCE)
+
+
+# ---- recipe stages: what a redone stage leaves behind, what the fingerprint sees, what is checked at start ----
+
+def _recipe(tmp_path):
+    from tests.test_wmt_recipes import WMT_RUN, FakePython, run_recipe, started
+
+    fake = FakePython(tmp_path / "fake")
+    work = tmp_path / "w"
+    args = ["--pair", "en-ro", "--scale", "cpu", "--students", "baseline", "--work", work]
+    return fake, work, args, lambda extra=(), env=None: run_recipe(WMT_RUN, [*args, *extra], env or fake.env), started
+
+
+def test_a_redone_stage_moves_its_outputs_aside_and_trains_from_scratch(tmp_path):
+    fake, work, args, run, started = _recipe(tmp_path)
+    assert run().returncode == 0
+    (work / "student_baseline" / "checkpoint_last.pt").write_text("first run\n")
+    proc = run(["--student-args", "--dropout 0.2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert started(proc.stdout) == ["student_baseline", "translate_student_baseline", "score"]
+    # fairseq-train did not see the old checkpoint_last.pt (it would have resumed it under the new settings)
+    assert (work / "student_baseline" / "checkpoint_last.pt").read_text() == "weights\n"
+    (student,) = (work / "stages" / "stale").glob("student_baseline.*")
+    assert (student / "student_baseline" / "checkpoint_last.pt").read_text() == "first run\n"
+    (translation,) = (work / "stages" / "stale").glob("translate_student_baseline.*")
+    assert sorted(p.name for p in translation.iterdir()) == ["student_baseline.test.gen", "student_baseline.test.hyp"]
+    assert re.search(r"^   student_baseline: its previous outputs \(\d\) moved aside to .*stale/student_baseline\.",
+                     proc.stdout, flags=re.M)
+    assert not list((work / "stages" / "stale").glob("prepare.*"))  # prepare's steps redo from their own stamps
+
+
+def test_a_stage_interrupted_under_other_settings_does_not_resume(tmp_path):
+    fake, work, args, run, started = _recipe(tmp_path)
+    assert run().returncode == 0
+    marker = work / "stages" / "student_baseline.done"
+    key = re.search(r"^key \w+$", marker.read_text(), flags=re.M).group(0)
+    # killed mid-run under other settings: no marker, the record of the settings it started with
+    os.remove(marker)
+    (work / "stages" / "student_baseline.started").write_text("key 0123456789abcdef\n")
+    proc = run()
+    assert proc.returncode == 0 and "student_baseline" in started(proc.stdout)
+    assert (work / "student_baseline" / "checkpoint_last.pt").read_text() == "weights\n"
+    assert not (work / "stages" / "student_baseline.started").exists()
+    # killed under the same settings: it resumes from its checkpoint_last.pt (fairseq's resume)
+    os.remove(marker)
+    (work / "stages" / "student_baseline.started").write_text(key + "\n")
+    proc = run()
+    assert proc.returncode == 0 and "student_baseline" in started(proc.stdout)
+    assert (work / "student_baseline" / "checkpoint_last.pt").read_text() == "weights resumed\n"
+
+
+def test_a_corpus_edited_in_place_with_the_same_size_redoes_prepare(tmp_path):
+    corpus = tmp_path / "corpora" / "tatoeba_en_ro"
+    corpus.mkdir(parents=True)
+    for split in ("train", "valid"):
+        for lang in ("en", "ro"):
+            (corpus / f"{split}.{lang}").write_text("".join(f"{split} {lang} {i}\n" for i in range(60)))
+    fake, work, args, run, started = _recipe(tmp_path)
+    data_root = ["--data-root", tmp_path / "corpora"]
+    assert run(data_root).returncode == 0
+    assert started(run(data_root).stdout) == []
+    text = (corpus / "train.en").read_text()
+    (corpus / "train.en").write_text(text.replace("train en 1\n", "train en 7\n", 1))  # same size, other content
+    proc = run(data_root)
+    assert proc.returncode == 0 and started(proc.stdout)[:2] == ["prepare", "teacher"], proc.stdout[-2000:]
+    assert "prepare: its settings changed since it ran" in proc.stdout
+    cache = (work / "stages" / "digests").read_text().splitlines()
+    assert len([line for line in cache if line.endswith("/train.en")]) == 2  # re-read once, on its new mtime
+
+
+def _path_without(tool):
+    return os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not os.path.exists(os.path.join(d, tool)))
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_slurm_launcher_without_srun_is_refused_before_any_stage(tmp_path, dry_run):
+    fake, work, args, run, started = _recipe(tmp_path)
+    env = dict(fake.env, PATH=_path_without("srun"))
+    proc = run(["--launcher", "slurm", *(["--dry-run"] if dry_run else [])], env)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "run.sh: error: LAUNCHER=slurm needs srun, which is not on PATH: run the recipe inside a SLURM allocation "
+        "(sbatch or salloc) on the cluster"], proc.stderr
+    assert "== stage" not in proc.stdout and not fake.calls("fairseq_kd.prepare")
+
+
+def test_extra_test_files_are_checked_before_any_stage_and_a_missing_final_newline_is_a_line(tmp_path):
+    study = os.path.join(cli.REPO, "examples", "multi30k", "study.sh")
+    src, ref = tmp_path / "held.en", tmp_path / "held.de"
+    src.write_text("".join(f"a {i}\n" for i in range(12)))
+    ref.write_text("".join(f"b {i}\n" for i in range(12)).rstrip("\n"))  # 12 lines, wc -l says 11
+    check = f'source {cli.REPO}/scripts/lib/pipeline.sh; RECIPE=study.sh; check_extra_test held "$1" "$2" && echo ok'
+    ok = subprocess.run(["bash", "-c", check, "_", str(src), str(ref)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout == "ok\n", ok.stderr
+    base = ["bash", study, "--size", "tiny", "--work", str(tmp_path / "w")]
+    missing = subprocess.run([*base, "--extra-test", f"held={src},{tmp_path / 'nope.de'}"], capture_output=True,
+                             text=True, env=ENV, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"study.sh: error: --extra-test held: {tmp_path / 'nope.de'} not found; pass NAME=SRC_FILE,REF_FILE "
+        "with existing files"], missing.stderr
+    assert "== stage" not in missing.stdout and not (tmp_path / "w" / "data").exists()
+    ref.write_text("b\n" * 11)
+    short = subprocess.run([*base, "--extra-test", f"held={src},{ref}"], capture_output=True, text=True, env=ENV,
+                           timeout=300)
+    assert short.returncode == 1 and short.stderr.strip().splitlines() == [
+        f"study.sh: error: --extra-test held: {ref} has 11 lines but {src} has 12; pass a reference with one "
+        "line per source line"], short.stderr
+    assert "delete" not in short.stderr
+
+
+def test_no_script_counts_lines_with_wc(tmp_path):
+    """A last line without a newline is a line: every script counts with count_lines (scripts/lib/text.sh)."""
+    scripts = [os.path.join(d, f) for d in ("scripts", "scripts/lib", "examples/multi30k", "examples/wmt14")
+               for f in os.listdir(os.path.join(cli.REPO, d)) if f.endswith(".sh")]
+    counting = re.compile(r"^[^#]*\bwc -l", flags=re.M)  # in code, not in a comment
+    assert [s for s in scripts if counting.search(open(os.path.join(cli.REPO, s)).read())] == []
+    f = tmp_path / "t"
+    f.write_bytes(b"one\ntwo")
+    out = subprocess.run(["bash", "-c", f'source {cli.REPO}/scripts/lib/text.sh; count_lines "$1"', "_", str(f)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "2"

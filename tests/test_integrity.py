@@ -308,6 +308,58 @@ def test_a_teacher_of_the_other_direction_is_refused(prepared, teacher_ckpt, cac
     assert len(task.load_teacher()) == 1
 
 
+def _short_teacher(teacher_ckpt, tmp_path, **positions) -> str:
+    """The teacher with its positional embeddings limited (sinusoidal ones: only the recorded limit changes)."""
+    from fairseq_kd.checkpoints import install_safe_globals
+
+    install_safe_globals()
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
+    model = state["cfg"]["model"]
+    for key, value in positions.items():
+        if isinstance(model, dict):
+            model[key] = value
+        else:
+            setattr(model, key, value)
+    path = str(tmp_path / ("short_" + "_".join(f"{k}{v}" for k, v in positions.items()) + ".pt"))
+    torch.save(state, path)
+    return path
+
+
+def test_examples_longer_than_the_teachers_positions_are_refused_by_the_build_and_skipped_in_training(
+        prepared, teacher_ckpt, tmp_path):
+    short_src = _short_teacher(teacher_ckpt, tmp_path, max_source_positions=8)
+    out = str(tmp_path / "c")
+    proc = build(prepared, short_src, out, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    for needle in (f"split {SPLIT} of {prepared.bin}", "more source tokens than the teacher's 8 positions",
+                   "pass --truncate-source --max-source-positions 8"):
+        assert needle in errors[0], errors[0]
+    assert not os.path.exists(out)  # nothing written
+    # the fix it names works: the sources cut to the teacher's reach
+    build(prepared, short_src, out, "--truncate-source", "--max-source-positions", "8")
+    assert len(_load(prepared.bin, out, truncate_source=True, max_source_positions=8)) == 60
+    # targets cannot be cut: the long pairs are to be removed
+    short_tgt = _short_teacher(teacher_ckpt, tmp_path, max_target_positions=8)
+    proc = build(prepared, short_tgt, str(tmp_path / "t"), check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "more target tokens than the teacher's 8 positions" in errors[0] and "remove the long pairs" in errors[0]
+    # a live teacher: the task's limits include the teacher's, so fairseq skips (or refuses) the long pairs
+    task = _task(prepared.bin, None, teacher_path=_short_teacher(teacher_ckpt, tmp_path, max_source_positions=24))
+    assert task.max_positions() == (1024, 1024)
+    task.load_teacher()
+    assert task.max_positions() == (24, 1024)
+    task.load_dataset(SPLIT)
+    dataset = task.dataset(SPLIT)
+    batches = task.get_batch_iterator(dataset, max_tokens=4096, max_positions=task.max_positions(),
+                                      ignore_invalid_inputs=True).next_epoch_itr(shuffle=False)
+    seen = sorted(i for batch in batches for i in batch["id"].tolist())
+    expected = [i for i in range(len(dataset)) if dataset.src_sizes[i] <= 24]
+    assert seen == expected and 0 < len(expected) < len(dataset)
+
+
 def test_a_cache_given_to_a_criterion_without_a_teacher_is_refused(prepared, cache, tmp_path):
     proc = cli.train(prepared.bin, str(tmp_path / "s"), *KD, "--teacher-cache", cache, "--train-subset", SPLIT,
                      "--criterion", "label_smoothed_cross_entropy", "--max-update", "2", check=False)

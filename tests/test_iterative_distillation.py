@@ -666,3 +666,19 @@ def test_pipeline_two_rounds_killed_in_round_2_resumes(prepared, teacher_ckpt, s
     proc = subprocess.run(["bash", PIPELINE], env=dict(env, CRITERION="tie_kd"), capture_output=True,
                           text=True, cwd=str(tmp_path))
     assert proc.returncode != 0 and "CRITERION" in proc.stderr
+    # the source-only text edited in place, same size and name: refused, naming the file
+    with open(mono, encoding="utf-8") as f:
+        text = f.read()
+    edited = text.replace("a", "e", 1)
+    assert edited != text and len(edited) == len(text)
+    with open(mono, "w", encoding="utf-8") as f:
+        f.write(edited)
+    proc = subprocess.run(["bash", PIPELINE], env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and errors == [
+        f"iterate.sh: error: {work} was started with other settings or input files (sha256 of {mono}); "
+        f"restore them (see {work}/settings) or use a new WORK"], proc.stderr[-2000:]
+    with open(mono, "w", encoding="utf-8") as f:  # restored: the content is what counts, not the time
+        f.write(text)
+    proc = subprocess.run(["bash", PIPELINE], env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 0 and "round 2 table: done, skipped" in proc.stderr

@@ -130,7 +130,7 @@ def fake_nodes(tmp_path, *extra, node0_iterate=None, timeout=120):
             "--nodes", "2", "--gpus-per-node", "2", "--master-addr", "node0", *extra]
     fakes = [FakePython(tmp_path / f"fake{r}", gpus=2) for r in (0, 1)]
     for fake in fakes:
-        fake.env.update(NODE_POLL="0.2", NODE_HEARTBEAT="1", NODE_TIMEOUT="60")
+        fake.env.update(NODE_POLL="0.2", NODE_HEARTBEAT="1", NODE_TIMEOUT="60", FAKE_RDZV_DIR=str(tmp_path / "rdzv"))
     if node0_iterate:
         fakes[0].env["ITERATE_SH"] = node0_iterate
     n = len(os.listdir(tmp_path))

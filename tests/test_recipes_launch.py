@@ -79,9 +79,19 @@ def test_dry_run_torchrun_two_nodes_of_eight_gpus(tmp_path):
     assert len(decode1) == 8 and not any("--wait" in c for c in decode1)
 
 
+def srun_on_path(tmp_path):
+    """PATH with an ``srun`` (never run by a dry run; the recipe checks at start that the launcher's tool is there)."""
+    shim = tmp_path / "slurm-bin"
+    shim.mkdir(parents=True)
+    (shim / "srun").write_text("#!/bin/sh\nexit 99\n")
+    (shim / "srun").chmod(0o755)
+    return f"{shim}{os.pathsep}{os.environ['PATH']}"
+
+
 def test_dry_run_slurm_two_nodes_of_eight_gpus(tmp_path):
     out = dry_run(tmp_path, "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "8",
-                  "--set", "SRUN_ARGS=--partition gpu --comment 'kd run'", env={"SLURM_JOB_ID": "1234"})
+                  "--set", "SRUN_ARGS=--partition gpu --comment 'kd run'",
+                  env={"SLURM_JOB_ID": "1234", "PATH": srun_on_path(tmp_path)})
     (line,) = stage_commands(out, "teacher")
     argv = argv_of(line)
     assert argv[:9] == ["srun", "--nodes", "2", "--ntasks-per-node", "8", "--cpus-per-task", "4",

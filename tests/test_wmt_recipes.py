@@ -481,6 +481,24 @@ def test_wmt_run_en_ro_cpu_scale_end_to_end_and_skips_finished_stages(tmp_path):
     assert [os.path.getmtime(p) for p in checkpoints] == mtimes
     assert (work / "results.md").read_text() == table
 
+    # a changed setting redoes for real: other data, models trained from scratch on them (no resume of the old
+    # checkpoint_last.pt, which is moved aside with its folder), another table
+    proc = run_recipe(WMT_RUN, [*args, "--set", "TRAIN_LINES=200", "--set", "VOCAB=250"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert started(proc.stdout) == stages
+    assert len(read(work / "data" / "raw" / "train.en")) == 200
+    assert len(read(work / "data" / "spm.vocab")) == 250
+    from fairseq_kd.checkpoints import safe_torch_load
+
+    symbols = len(read(work / "data" / "bin" / "dict.en.txt")) + 4  # <s> <pad> </s> <unk>
+    for name in ("teacher", "student_baseline"):
+        state = safe_torch_load(str(work / name / "checkpoint_last.pt"))
+        assert state["model"]["encoder.embed_tokens.weight"].shape[0] == symbols
+        assert state["optimizer_history"][-1]["num_updates"] == 8
+        (old,) = (work / "stages" / "stale").glob(f"{name}.*")
+        assert (old / name / "checkpoint_last.pt").exists()
+    assert (work / "results.md").read_text() != table
+
 
 # ---- run.sh wiring with a fake python -----------------------------------------------------------------------
 
@@ -525,8 +543,25 @@ elif module == "fairseq_kd.prepare":
     write(f"{out}/spm.model", ["model"])
     write(f"{out}/bin/preprocess.log", ["done"])
 elif module in ("fairseq_cli.train", "torch.distributed.run"):
+    if module == "torch.distributed.run" and int(opt("--nnodes", 1)) > 1 and "FAKE_RDZV_DIR" in os.environ:
+        # torchrun's rendezvous: no node trains before all have started this training (the how-manyth of
+        # this save dir in this node's log)
+        import glob, time
+        name = os.path.basename(opt("--save-dir"))
+        with open(os.environ["FAKE_PYTHON_LOG"]) as f:  # this call is logged already
+            n = sum(1 for line in f if json.loads(line)["argv"][:2] == ["-m", module]
+                    and opt("--save-dir") in json.loads(line)["argv"])
+        os.makedirs(os.environ["FAKE_RDZV_DIR"], exist_ok=True)
+        key = os.path.join(os.environ["FAKE_RDZV_DIR"], f"{name}.{n}.")
+        open(key + opt("--node_rank"), "w").close()
+        deadline = time.time() + 30
+        while len(glob.glob(key + "*")) < int(opt("--nnodes")):
+            if time.time() > deadline:
+                sys.exit("fake torchrun: rendezvous timed out")
+            time.sleep(0.05)
+    resumed = os.path.exists(os.path.join(opt("--save-dir"), "checkpoint_last.pt"))  # fairseq would resume it
     for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
-        write(os.path.join(opt("--save-dir"), name), ["weights"])
+        write(os.path.join(opt("--save-dir"), name), ["weights resumed" if resumed else "weights"])
 elif module == "fairseq_kd.decoding" and args[0] == "decode" and "--chunk-size" in args:  # the work queue
     total = count(os.path.join(os.path.dirname(opt("--data")), "raw", "train.en"))
     size = int(opt("--chunk-size"))

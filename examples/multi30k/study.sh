@@ -184,10 +184,14 @@ lane() {  # lane ROW...: train and translate the rows one after the other
 }
 
 # ---- stages ---------------------------------------------------------------------------------------
+for spec in "${EXTRA_TESTS[@]}"; do  # before any stage: a run that would be refused later is refused now
+    name=${spec%%=*}; files=${spec#*=}
+    [[ $spec == *=*,* && $name =~ ^[A-Za-z0-9_]+$ ]] || die "--extra-test $spec: expected NAME=SRC_FILE,REF_FILE (NAME letters, digits, _)"
+    check_extra_test "$name" "${files%%,*}" "${files#*,}"
+done
 study_stage prepare "" prepare
 for spec in "${EXTRA_TESTS[@]}"; do
     name=${spec%%=*}; files=${spec#*=}
-    [[ $spec == *=*,* && $name =~ ^[A-Za-z0-9_]+$ ]] || die "--extra-test $spec: expected NAME=SRC_FILE,REF_FILE (NAME letters, digits, _)"
     study_stage "extra_test_$name" prepare prepare_extra_test "$name" "${files%%,*}" "${files#*,}"
 done
 # phase 1: the teacher on one core, the baselines (no teacher needed) on the other

@@ -116,6 +116,24 @@ def build_shard(teacher, dataset, out_dir: str, shard_id: int, num_shards: int, 
     logger.info("shard %d of %d: examples %d-%d written to %s", shard_id, num_shards, start, end - 1, final)
 
 
+def check_teacher_positions(dataset, limits, data: str, split: str) -> None:
+    """Refuse a split with an example longer than the teacher's positional embeddings reach: the cache covers
+    every example, and the teacher would fail inside torch (learned positions) or read positions it was
+    never trained on (sinusoidal ones)."""
+    for side, sizes, limit, fix in (
+        ("source", dataset.src_sizes, limits[0],
+         f"pass --truncate-source --max-source-positions {limits[0]} (and the same to the student's fairseq-train)"),
+        ("target", dataset.tgt_sizes, limits[1], "the cache covers every example: remove the long pairs before fairseq-preprocess"),
+    ):
+        over = np.flatnonzero(np.asarray(sizes) > limit)
+        if over.size:
+            first = int(over[0])
+            raise DistillationError(
+                f"split {split} of {data}: {over.size} example(s) have more {side} tokens than the teacher's {limit} "
+                f"positions (the first: example {first}, {int(sizes[first])} tokens); {fix}"
+            )
+
+
 def build_cache(
     data: str, split: str, teacher_path: str, out_dir: str, k: int = DEFAULT_K, temperature: float = 1.0,
     num_shards: int = 1, shard_ids: Optional[Sequence[int]] = None, max_tokens: int = 4096,
@@ -159,18 +177,20 @@ def build_cache(
         paths, data, split, src, tgt, len(dataset), int(np.sum(dataset.tgt_sizes)), vocab, k, temperature,
         num_shards, split_fingerprint(dataset, task.cfg, data), teacher_langs,
     )
-    write_or_check_manifest(out_dir, manifest)
     shard_ids = list(range(num_shards)) if shard_ids is None else list(shard_ids)
     for s in shard_ids:
         shard_range(len(dataset), num_shards, s)  # validates the id
     todo = [s for s in shard_ids if not os.path.isdir(shard_dir(out_dir, s, num_shards))]
+    if todo:  # a split the teacher cannot read is refused before anything is written
+        device = torch.device("cpu") if device is None else torch.device(device)
+        teacher = load_teacher(paths, task, precision=precision, teacher_data_dir=teacher_data_dir).to(device)
+        check_teacher_positions(dataset, teacher.max_positions(), data, split)
+    write_or_check_manifest(out_dir, manifest)
     for s in sorted(set(shard_ids) - set(todo)):
         logger.info("shard %d of %d is complete: skipped", s, num_shards)
     if not todo:
         record_shards(out_dir)
         return []
-    device = torch.device("cpu") if device is None else torch.device(device)
-    teacher = load_teacher(paths, task, precision=precision, teacher_data_dir=teacher_data_dir).to(device)
     ids_dtype = np.dtype(ids_dtype_name(vocab))
     for s in todo:
         build_shard(teacher, dataset, out_dir, s, num_shards, k, temperature, ids_dtype, device,

@@ -185,6 +185,15 @@ class DistillationTranslationTask(TranslationTask):
             )
         return self.teacher
 
+    def max_positions(self):
+        """The task's limits and a live teacher's: fairseq then skips (or refuses, naming the example) a pair
+        the teacher's positional embeddings do not reach, before the teacher sees it."""
+        own = super().max_positions()
+        if self.teacher is None:
+            return own
+        src, tgt = self.teacher.max_positions()
+        return min(own[0], src), min(own[1], tgt)
+
     def teacher_for(self, sample, model):
         """The teacher a criterion distils ``sample`` from: the batch's cached one, or the live teacher on
         ``model``'s device."""

@@ -119,6 +119,11 @@ class TeacherEnsemble:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.models.parameters())
 
+    def max_positions(self):
+        """``(source, target)``: the longest example every member can read (its positional embeddings)."""
+        limits = [m.max_positions() for m in self.models]
+        return min(int(src) for src, _ in limits), min(int(tgt) for _, tgt in limits)
+
     @torch.no_grad()
     def forward_encoder(self, net_input: Dict[str, Tensor]) -> List:
         self.models.eval()

@@ -147,7 +147,20 @@ pipeline_setup() {
         if (( NODE_RANK > 0 )); then STAGE_ROLE=follow STAGE_FOLLOWER=1; fi
     fi
     split_quoted srun_args "$SRUN_ARGS" || die "SRUN_ARGS: quote its values as in a shell, got: $SRUN_ARGS"
+    check_launcher
     PIPELINE_READY=1
+}
+
+# check_launcher: the launcher's tool is there, before any stage runs; a dry run is refused the same way
+check_launcher() {
+    case $LAUNCHER in
+        single | spawn) ;;
+        slurm) command -v srun >/dev/null \
+            || die "LAUNCHER=slurm needs srun, which is not on PATH: run the recipe inside a SLURM allocation (sbatch or salloc) on the cluster" ;;
+        torchrun) "$PYTHON" -c "import torch.distributed.run" 2>/dev/null \
+            || die "LAUNCHER=torchrun needs torch.distributed.run, which $PYTHON cannot import: install torch in that environment" ;;
+        *) die "LAUNCHER must be single, spawn, torchrun or slurm, got $LAUNCHER" ;;
+    esac
 }
 
 teacher_checkpoint() {  # TEACHER_CKPT: the checkpoint(s) of a downloaded fairseq model folder, ':'-joined
@@ -246,11 +259,31 @@ shard_setup() {
 }
 
 # ---- stages -----------------------------------------------------------------------------------------
+# stage_outputs NAME: what a stage writes, one path per line, moved aside before it is redone
+# (scripts/lib/stages.sh); prepare's own steps redo from stamps of their inputs (fairseq_kd/stamps.py)
+stage_outputs() {
+    local name=$1 f
+    case $name in
+        teacher | student_*)
+            echo "$WORK/$name"
+            for f in "$WORK/$name".train.log* "$WORK/$name".seconds; do echo "$f"; done ;;
+        average_student_*) echo "$WORK/${name#average_}/checkpoint_avg.pt" ;;
+        translate_*) for f in "$WORK/${name#translate_}".*.gen "$WORK/${name#translate_}".*.hyp; do echo "$f"; done ;;
+        decode_train_with_teacher) echo "$WORK/seq_kd_decode" ;;
+        build_teacher_cache | teacher_cache) echo "$WORK/teacher_cache" ;;
+        extra_test_*) echo "$WORK/extra/${name#extra_test_}" ;;
+        score) echo "$WORK/results.md" ;;
+        deployment) printf '%s\n' "$WORK/deployment" "$WORK/deployment.md" "$WORK/deployment.json" ;;
+    esac
+}
 prepare() {
     local common=(--corpus "$CORPUS" --data-root "$DATA_ROOT" --src "$SRC" --tgt "$TGT" --out "$DATA"
         --workers "$WORKERS" ${TRAIN_LINES:+--train-lines "$TRAIN_LINES"} ${VALID_LINES:+--valid-lines "$VALID_LINES"}
         ${TEST_LINES:+--test-lines "$TEST_LINES"} ${TEST_FROM_VALID:+--test-from-valid "$TEST_FROM_VALID"})
-    note "inputs $(corpus_sizes "$DATA_ROOT/$CORPUS")"
+    if [[ $DRY_RUN == 1 ]]; then  # the fingerprint: the inputs by content (a corpus edited in place redoes it)
+        note "inputs $(corpus_digests "$DATA_ROOT/$CORPUS")"
+        [[ -z $TEACHER_DIR ]] || note "teacher $(file_digests "$TEACHER_DIR"/*.pt "$TEACHER_DIR"/bpecodes "$TEACHER_DIR"/code "$TEACHER_DIR"/dict.*.txt)"
+    fi
     if [[ $SEGMENTATION == bpe ]]; then
         local teacher=()
         [[ -z $TEACHER_DIR ]] || teacher=(--teacher-dir "$TEACHER_DIR")
@@ -260,9 +293,11 @@ prepare() {
     fi
 }
 
-corpus_sizes() {  # name:size of the corpus files (a changed corpus redoes prepare and what follows)
+corpus_digests() {  # name:sha256 of the corpus files (a changed corpus redoes prepare and what follows)
     [[ -d $1 ]] || { echo none; return; }
-    find "$1" -maxdepth 1 -type f \( -name 'train.*' -o -name 'valid.*' -o -name 'test.*' \) -printf '%f:%s ' | tr ' ' '\n' | sort | tr '\n' ' '
+    local -a corpus_files
+    mapfile -t corpus_files < <(find "$1" -maxdepth 1 -type f \( -name 'train.*' -o -name 'valid.*' -o -name 'test.*' \) | sort)
+    file_digests "${corpus_files[@]}"
 }
 
 train() {  # train NAME UPDATES MODEL_FLAGS_ARRAY_NAME [FLAGS...]
@@ -445,12 +480,19 @@ translate_split() {  # translate_split NAME SUBSET [DATA_DIR [TAG]]: SUBSET of D
     assert_lines "$WORK/$name.$tag.hyp" "$n"
 }
 
+check_extra_test() {  # check_extra_test NAME SRC_FILE REF_FILE: both exist, one reference line per source line
+    local name=$1 src_file=$2 ref_file=$3 f n_src n_ref
+    for f in "$src_file" "$ref_file"; do
+        [[ -f $f ]] || die "--extra-test $name: $f not found; pass NAME=SRC_FILE,REF_FILE with existing files"
+    done
+    n_src=$(count_lines "$src_file") n_ref=$(count_lines "$ref_file")
+    (( n_src == n_ref )) || die "--extra-test $name: $ref_file has $n_ref lines but $src_file has $n_src; pass a reference with one line per source line"
+}
+
 prepare_extra_test() {  # prepare_extra_test NAME SRC_FILE REF_FILE: WORK/extra/NAME/{raw,bin} with the study's SentencePiece and dictionary
     local name=$1 src_file=$2 ref_file=$3 dir=$WORK/extra/$1
-    if [[ $DRY_RUN == 1 ]]; then note "extra test $name: $src_file $ref_file $(cat "$src_file" "$ref_file" 2>/dev/null | cksum)"; return; fi
-    require_file "$src_file" "--extra-test $name: the source file is missing"
-    require_file "$ref_file" "--extra-test $name: the reference file is missing"
-    assert_lines "$ref_file" "$(count_lines "$src_file")"
+    check_extra_test "$name" "$src_file" "$ref_file"  # under --dry-run too: a real run would be refused
+    if [[ $DRY_RUN == 1 ]]; then note "extra test $name: $src_file $ref_file $(cat "$src_file" "$ref_file" | cksum)"; return; fi
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/raw" "$dir.tmp/spm"
     cp "$src_file" "$dir.tmp/raw/test.$SRC"
     cp "$ref_file" "$dir.tmp/raw/test.$TGT"

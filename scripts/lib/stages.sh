@@ -7,7 +7,8 @@
 #   run CMD [ARGS...]              inside a stage: run CMD, or print it under --dry-run (DRY_RUN=1)
 #   run_to FILE CMD [ARGS...]      run CMD > FILE (through FILE.tmp, renamed when CMD succeeded)
 #   run_log LOG CMD [ARGS...]      run CMD, its output also appended to LOG
-#   note TEXT                      a line that is part of the stage's fingerprint (e.g. its input sizes)
+#   note TEXT                      a line that is part of the stage's fingerprint (e.g. its inputs' digests)
+#   file_digests FILE...           "NAME:SHA256 ..." by content (text.sh; cached in STAGE_DIR/digests)
 #   require_file PATH HINT         exit with a one-line error unless PATH exists
 #   assert_lines FILE N            exit with a one-line error unless FILE has exactly N lines (count_lines)
 #
@@ -17,9 +18,15 @@
 # a changed setting redoes the stage, and since its new marker changes the fingerprint of every stage
 # downstream, those are redone too (each says why).  REDO="NAME ..." (run.sh --redo) redoes stages on
 # request, and so their downstream.  DRY_RUN=1 prints every command of every stage without running it.
+# A redone stage first moves its previous outputs aside (move_aside; the recipe says which they are in a
+# function stage_outputs NAME that prints one path per line); NAME.started records the fingerprint of a
+# stage that has not finished, so that an interrupted stage resumes only under the same settings.
 # STAGE_CURRENT: the stage running (nodes.sh names it in a failure).
 # STAGE_ROLE [] lead | follow: several nodes share the plan (scripts/lib/nodes.sh): the lead (node 0) runs
 # it and announces its distributed stages, a follower joins those only.
+
+# shellcheck source=text.sh
+source "$(dirname "${BASH_SOURCE[0]}")/text.sh"
 
 STAGE_NAMES=()
 STAGE_DEPS=()
@@ -85,9 +92,10 @@ stage_record() {
 
 # fingerprint NAME DEPS CMD...: "OWN FULL" -- the hash of the stage's commands, and that with its dependencies
 fingerprint() {
-    local name=$1 deps=$2 own dep
+    local name=$1 deps=$2 own dep dry
     shift 2
-    own=$( (DRY_RUN=1 "$@") | sha256sum | cut -c1-16)
+    dry=$(DRY_RUN=1 "$@") || exit $?  # a stage its own dry run refuses (the error is printed) is refused now
+    own=$(printf '%s' "$dry${dry:+$'\n'}" | sha256sum | cut -c1-16)  # the hash of the printed lines
     {
         echo "$name $own"
         for dep in $deps; do echo "after $dep $(stage_record "$dep")"; done
@@ -112,7 +120,7 @@ why_redo() {
 }
 
 stage() {  # stage K N NAME DEPS CMD...
-    local k=$1 n=$2 name=$3 deps=$4 marker started own full why dep
+    local k=$1 n=$2 name=$3 deps=$4 marker started own full why dep fp
     shift 4
     marker="$STAGE_DIR/$name.done"
     if [[ $deps == always ]]; then
@@ -132,7 +140,8 @@ stage() {  # stage K N NAME DEPS CMD...
         fi
         return 0
     fi
-    read -r own full <<< "$(fingerprint "$name" "$deps" "$@")"
+    fp=$(fingerprint "$name" "$deps" "$@") || exit $?
+    read -r own full <<< "$fp"
     if [[ -f $marker ]]; then
         STAGE_DEPS_OF=$deps
         why=$(why_redo "$marker" "$own" "$full" "$name")
@@ -153,15 +162,40 @@ stage() {  # stage K N NAME DEPS CMD...
     fi
     echo "== stage $k/$n $name (started $(date '+%H:%M:%S'))"
     mkdir -p "$STAGE_DIR"
+    # a redone stage (or one interrupted under other settings) starts from nothing: its previous outputs,
+    # fairseq checkpoints included, are moved aside so that neither it nor a stage after it reads them;
+    # a stage interrupted under the same settings resumes (fairseq-train from its checkpoint_last.pt)
+    if [[ -f $marker ]] || { [[ -f $STAGE_DIR/$name.started ]] && [[ $(sed -n 's/^key //p' "$STAGE_DIR/$name.started") != "$full" ]]; }; then
+        move_aside "$name"
+    fi
     rm -f "$marker"
+    echo "key $full" > "$STAGE_DIR/$name.started"
     started=$SECONDS
     STAGE_CURRENT=$name
     if [[ ${STAGE_ROLE:-} == lead ]]; then nodes_announce "$name"; fi
     "$@"
     if [[ ${STAGE_ROLE:-} == lead ]]; then nodes_step_end "$name"; fi
     stage_mark "$marker" "$own" "$full" "$deps"
+    rm -f "$STAGE_DIR/$name.started"
     STAGE_TIMES+=("$name $((SECONDS - started))")
     echo "== stage $k/$n $name done in $(hms $((SECONDS - started)))"
+}
+
+# move_aside NAME: the outputs the recipe's stage_outputs NAME lists (one path per line), moved into
+# STAGE_DIR/stale/NAME.TIME/ (a rename: nothing is copied, and nothing of the user's is deleted)
+move_aside() {
+    local name=$1 dest path moved=0
+    declare -F stage_outputs >/dev/null || return 0
+    dest=$STAGE_DIR/stale/$name.$(date '+%Y%m%dT%H%M%S')-$$
+    while IFS= read -r path; do
+        [[ -n $path && -e $path ]] || continue
+        mkdir -p "$dest"
+        mv "$path" "$dest/"
+        moved=$((moved + 1))
+    done < <(stage_outputs "$name")
+    if (( moved > 0 )); then
+        echo "   $name: its previous outputs ($moved) moved aside to $dest (delete the folder when not needed)"
+    fi
 }
 
 stage_mark() {
@@ -215,11 +249,6 @@ assert_lines() {
             "correct the input it comes from, or re-run the stage that wrote it" >&2
         exit 1
     fi
-}
-
-# count_lines FILE: its lines, a last line without a final newline included (wc -l misses that one)
-count_lines() {
-    awk 'END { print NR }' "$1"
 }
 
 # lines FILE: its line count, or a placeholder under --dry-run (the file may not exist yet)
