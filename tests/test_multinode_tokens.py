@@ -12,7 +12,7 @@ import shlex
 import pytest
 
 from tests import cli
-from tests.test_recipes_launch import argv_of, stage_commands
+from tests.test_recipes_launch import argv_of, srun_on_path, stage_commands
 from tests.test_wmt_recipes import WMT_RUN, FakePython, flags, run_recipe
 
 PAIRS = ("en-de", "en-fr", "en-ro", "de-en")
@@ -30,6 +30,8 @@ def dry_run(tmp_path, pair, launcher, nodes, gpus):
             "--dry-run"]
     if launcher != "single":
         args += ["--nodes", nodes, "--gpus-per-node", gpus]
+    if launcher == "slurm":  # the recipe checks that srun is there, in a dry run too
+        fake.env["PATH"] = srun_on_path(tmp_path)
     proc = run_recipe(WMT_RUN, args, fake.env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
