@@ -30,7 +30,7 @@ interleaved repetitions) and scored with sacreBLEU against the references.
 
 Usage::
 
-    python scripts/benchmark.py --json benchmark.json      # the full run (< 10 minutes on 2 cores)
+    python scripts/benchmark.py --json benchmark.json      # the full run (about 11 minutes on 2 cores)
     python scripts/benchmark.py --quick --json out.json    # tiny models and data (< 2 minutes)
 
 It prints a table of ratios to ``label_smoothed_cross_entropy``, the floors
