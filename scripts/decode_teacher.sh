@@ -35,6 +35,8 @@
 #   ON_DEGENERATE [keep]   keep | drop | reference
 #   WORK [DATA_BIN/NAME.decode]   shard files, manifest, merged text and report
 #   DECODE_ARGS []         more decode flags, e.g. "--cpu --max-len-a 1.2 --max-len-b 10"
+#   CT2_DIR []             with --backend ctranslate2: the folder of the conversion (done once, under a lock,
+#                          by the first worker), e.g. the work folder; empty: next to the checkpoint
 #   MERGE_ARGS []          more merge flags, e.g. "--degenerate-len-a 1.5"
 #   PYTHON [python]
 # Re-running skips complete shards and redoes interrupted ones.
@@ -61,6 +63,9 @@ SHARD_IDS=${SHARD_IDS:-$(seq 0 $((NUM_SHARDS - 1)))}
 # shellcheck source=lib/shards.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/shards.sh"
 read -r -a extra <<< "${DECODE_ARGS:-}"
+if [[ -n ${CT2_DIR:-} && " ${extra[*]} " == *" --backend ctranslate2 "* && " ${extra[*]} " != *" --ct2-dir "* ]]; then
+    extra+=(--ct2-dir "$CT2_DIR")
+fi
 decode=("$PYTHON" -m fairseq_kd.decoding decode --data "$DATA" --split "$SPLIT" --path "$TEACHER" --out-dir "$WORK"
     --beam "$BEAM" --nbest "$NBEST" "${extra[@]}")
 if [[ -n ${CHUNK_SIZE:-} ]]; then

@@ -46,6 +46,23 @@ def dry_run(tmp_path, *extra, gpus=0, env=None):
     return proc.stdout
 
 
+def test_the_ctranslate2_conversion_goes_to_the_work_folder(tmp_path):
+    out = dry_run(tmp_path, "--launcher", "torchrun", "--nodes", "1", "--gpus-per-node", "2",
+                  "--decode-args", "--backend ctranslate2")
+    decode = [c for c in stage_commands(out, "decode_train_with_teacher") if "decoding decode" in c]
+    assert len(decode) == 2
+    for c in decode:  # converted once, under a lock, into WORK/ct2 (the checkpoint's folder may be read-only)
+        f = flags(argv_of(c))
+        assert f["--backend"] == "ctranslate2" and f["--ct2-dir"] == str(tmp_path / "w" / "ct2")
+    # the fairseq backend gets no --ct2-dir; a --ct2-dir of the user's is kept
+    plain = dry_run(tmp_path / "plain", "--launcher", "torchrun", "--nodes", "1", "--gpus-per-node", "2")
+    assert "--ct2-dir" not in plain
+    own = dry_run(tmp_path / "own", "--launcher", "torchrun", "--nodes", "1", "--gpus-per-node", "2",
+                  "--decode-args", "--backend ctranslate2 --ct2-dir /models/ct2")
+    assert [flags(argv_of(c))["--ct2-dir"] for c in stage_commands(own, "decode_train_with_teacher")
+            if "decoding decode" in c] == ["/models/ct2"] * 2
+
+
 def test_dry_run_torchrun_two_nodes_of_eight_gpus(tmp_path):
     out = dry_run(tmp_path, "--launcher", "torchrun", "--nodes", "2", "--gpus-per-node", "8",
                   "--master-addr", "node0", "--master-port", "29601")

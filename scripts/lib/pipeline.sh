@@ -345,7 +345,7 @@ decode_train_with_teacher() {  # Seq-KD data: the teacher's translations of the 
         SHARD_GPU_TASKS="$gpu_tasks" "${queue[@]}" WAIT_SHARDS="$wait_shards" \
         WORK="$WORK/seq_kd_decode" PYTHON="$PYTHON" OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
         DECODE_ARGS="${device[*]} ${teacher_precision[*]} ${teacher_data[*]} ${decode_args[*]}" DRY_RUN="$DRY_RUN" \
-        NO_MERGE="$follower" ON_DEGENERATE="$ON_DEGENERATE" \
+        NO_MERGE="$follower" ON_DEGENERATE="$ON_DEGENERATE" CT2_DIR="$WORK/ct2" \
         bash "$REPO/scripts/decode_teacher.sh" "$BIN" "$TEACHER_CKPT" train_teacher
     (( NODE_RANK == 0 )) || return 0  # node 0 merges
     require_file "$out" "the teacher decoding did not finish; re-run to resume it"
