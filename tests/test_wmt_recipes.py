@@ -162,12 +162,12 @@ class FakeWorld:
         return [line for line in read(self.log) if line.startswith(tool + " ")]
 
     def prepare(self, *args):
-        from fairseq_kd import wmt
+        from fairseq_kd.wmt.cli import main
 
         argv = ["prepare", *map(str, args)]
         self.capfd.readouterr()
         try:
-            wmt.main(argv)
+            main(argv)
             status = 0
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 1
